@@ -1,0 +1,143 @@
+"""Kafka events (aiokafka): a publisher that survives broker outages, and an idempotent-consumer loop.
+
+The embedded broker (Tansu) has no idempotent producer, so producers use acks=all and every
+consumer must tolerate redelivery (writes keyed by event id / turn id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+import msgspec
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka.errors import KafkaError
+
+from common.metrics import EVENTS_CONSUMED, EVENTS_PUBLISHED
+
+log = logging.getLogger(__name__)
+
+SEND_TIMEOUT = 5.0
+_encoder = msgspec.json.Encoder()
+
+
+class PoisonMessage(Exception):
+    """The message can never be processed (bad schema, bad content): send it to the DLQ."""
+
+
+class EventPublisher:
+    def __init__(self, bootstrap: str, client_id: str) -> None:
+        self._bootstrap = bootstrap
+        self._client_id = client_id
+        self._producer: AIOKafkaProducer | None = None
+        self._starting: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """Connect in the background: a service must start even while the broker is down."""
+        self._starting = asyncio.create_task(self._connect())
+
+    async def _connect(self) -> None:
+        delay = 0.2
+        while True:
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self._bootstrap, client_id=self._client_id, acks="all",
+                enable_idempotence=False, request_timeout_ms=int(SEND_TIMEOUT * 1000), linger_ms=0,
+            )
+            try:
+                await producer.start()
+                self._producer = producer
+                return
+            except KafkaError as exc:
+                await producer.stop()
+                log.warning("kafka not reachable, retrying", extra={"error": str(exc)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    @property
+    def connected(self) -> bool:
+        return self._producer is not None
+
+    async def publish(self, topic: str, key: str, event: msgspec.Struct | bytes) -> None:
+        if self._producer is None:
+            raise KafkaError("producer not connected")
+        value = event if isinstance(event, bytes) else _encoder.encode(event)
+        await asyncio.wait_for(self._producer.send_and_wait(topic, value, key=key.encode()), SEND_TIMEOUT)
+        EVENTS_PUBLISHED.labels(topic).inc()
+
+    async def stop(self) -> None:
+        if self._starting and not self._starting.done():
+            self._starting.cancel()
+        if self._producer is not None:
+            await self._producer.stop()
+
+
+MessageHandler = Callable[[ConsumerRecord], Awaitable[None]]
+
+
+async def consume_forever(
+    bootstrap: str,
+    topic: str,
+    group_id: str,
+    handler: MessageHandler,
+    publisher: EventPublisher,
+    *,
+    retry_delay_max: float = 5.0,
+) -> None:
+    """Process each message until it succeeds (transient errors retry with backoff, the offset
+    is committed only after success), poison messages go to `<topic>.dlq`. One long-lived group."""
+    dlq = f"{topic}.dlq"
+    while True:
+        consumer = AIOKafkaConsumer(
+            topic, bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False,
+            auto_offset_reset="earliest", client_id=group_id,
+        )
+        try:
+            await consumer.start()
+            while True:
+                batches = await consumer.getmany(timeout_ms=500, max_records=100)
+                for records in batches.values():
+                    for record in records:
+                        await _handle_until_done(record, handler, publisher, dlq, retry_delay_max)
+                if batches:
+                    await consumer.commit()
+        except asyncio.CancelledError:
+            raise
+        except KafkaError as exc:
+            log.warning("consumer lost the broker, reconnecting", extra={"topic": topic, "error": str(exc)})
+            await asyncio.sleep(1.0)
+        finally:
+            await consumer.stop()
+
+
+async def _handle_until_done(record: ConsumerRecord, handler: MessageHandler, publisher: EventPublisher,
+                             dlq: str, retry_delay_max: float) -> None:
+    delay = 0.1
+    while True:
+        try:
+            await handler(record)
+            EVENTS_CONSUMED.labels(record.topic, "ok").inc()
+            return
+        except PoisonMessage as exc:
+            log.error("poison message sent to DLQ", extra={"topic": record.topic, "offset": record.offset,
+                                                            "error": str(exc)})
+            await _publish_until_done(publisher, dlq, record)
+            EVENTS_CONSUMED.labels(record.topic, "dlq").inc()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # transient (database down...): retry, never skip
+            EVENTS_CONSUMED.labels(record.topic, "retry").inc()
+            log.warning("event handling failed, retrying", extra={"topic": record.topic, "error": str(exc)})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, retry_delay_max)
+
+
+async def _publish_until_done(publisher: EventPublisher, topic: str, record: ConsumerRecord) -> None:
+    key = (record.key or b"").decode(errors="replace")
+    while True:
+        try:
+            await publisher.publish(topic, key, record.value or b"")
+            return
+        except (KafkaError, TimeoutError):
+            await asyncio.sleep(0.5)

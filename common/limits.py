@@ -1,0 +1,451 @@
+"""Request rate limits and daily token budgets, exact across every replica (atomic Lua in Redis).
+
+Requests per period per key use GCRA (the generic cell rate algorithm): one Redis key per
+client holds its theoretical arrival time (TAT); a request is admitted when it would not push
+TAT more than one period past now. That is a token bucket of `limit` requests refilled evenly
+over the period, stored as one number, with exact remaining / reset / retry-after figures.
+
+Tokens per UTC day per user use reserve/settle: a request holds its maximum cost before the
+call, a stream grows its hold as it goes, and settle replaces the hold with the real usage.
+Holds carry deadlines, so a replica that dies before settling leaks nothing for long.
+
+Redis being unreachable or slow never reaches the caller: every Redis call is bounded by a
+short timeout, and the in-process limiter with the same interface answers instead, with the
+replica's share of each limit (limit // replicas).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import msgspec
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+REDIS_TIMEOUT = 0.1  # the most a request waits on Redis before the in-process limiter answers
+REDIS_COOLDOWN = 1.0  # after a failure, skip Redis this long: an outage costs one timeout, not one per request
+DAY = 86_400
+KEY_GRACE = 3_600  # a day's budget keys outlive midnight this long, so late settles still land
+
+
+class RateDecision(msgspec.Struct, frozen=True, kw_only=True):
+    """The answer for one request, with what the `x-ratelimit-*` and Retry-After headers need."""
+
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_seconds: float  # until the full limit is available again
+    retry_after: float  # 0 when allowed
+    local: bool = False  # decided in process because Redis was unavailable
+
+
+@dataclass(slots=True, kw_only=True)
+class Reservation:
+    """One request's hold on its user's daily tokens. Settle or release it once; both are idempotent."""
+
+    id: str
+    user_id: str
+    day: str  # the UTC day it is charged to (the day the request started), YYYYMMDD
+    limit: int
+    reserved: int  # tokens held for this request now
+    local: bool  # held by the in-process budget; stays there even when Redis comes back
+    refresh_at: float = 0.0  # monotonic time after which consume() renews the hold's deadline
+    done: bool = False
+
+
+class BudgetDecision(msgspec.Struct, frozen=True, kw_only=True):
+    allowed: bool
+    limit: int
+    remaining: int  # tokens left today once this request's hold is counted
+    reset_seconds: float  # until UTC midnight
+    retry_after: float  # 0 when allowed
+    reservation: Reservation | None  # None when denied
+    local: bool = False
+
+
+def _today(now: float) -> tuple[str, float]:
+    """The UTC day for `now` (YYYYMMDD) and the seconds left until it ends."""
+    return time.strftime("%Y%m%d", time.gmtime(now)), DAY - now % DAY
+
+
+def _local_share(limit: int, replicas: int) -> int:
+    return max(1, limit // replicas)
+
+
+class _Unavailable(Exception):
+    """Redis did not answer in time (or is cooling down after it did not)."""
+
+
+class _RedisCalls:
+    """Bounds every Redis call; after a failure skips Redis for `cooldown` seconds."""
+
+    def __init__(self, what: str, timeout: float, cooldown: float) -> None:
+        self._what = what
+        self._timeout = timeout
+        self._cooldown = cooldown
+        self._down_until = 0.0
+        self._down = False
+
+    async def run(self, call: Callable[[], Awaitable[T]]) -> T:
+        if time.monotonic() < self._down_until:
+            raise _Unavailable
+        try:
+            async with asyncio.timeout(self._timeout):
+                result = await call()
+        except (RedisError, OSError) as exc:  # builtin TimeoutError is an OSError
+            self._down_until = time.monotonic() + self._cooldown
+            if not self._down:
+                self._down = True
+                log.warning("redis unavailable, limiting in process",
+                            extra={"limiter": self._what, "error": repr(exc)})
+            raise _Unavailable from exc
+        if self._down:
+            self._down = False
+            log.info("redis reachable again", extra={"limiter": self._what})
+        return result
+
+
+# ---- requests per period ------------------------------------------------------------------
+
+# KEYS[1] the client's TAT (ms, server clock); ARGV limit, period_ms.
+# Returns {allowed, remaining, reset_ms, retry_ms}.
+_GCRA = """
+local limit = tonumber(ARGV[1])
+local period = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local interval = period / limit
+local tat = math.max(tonumber(redis.call('GET', KEYS[1])) or now, now)
+local new_tat = tat + interval
+local retry = new_tat - period - now
+if retry > 0 then
+  return {0, 0, math.ceil(tat - now), math.ceil(retry)}
+end
+redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now))
+return {1, math.floor((period - (new_tat - now)) / interval + 1e-9), math.ceil(new_tat - now), 0}
+"""
+
+
+class LocalRateLimiter:
+    """GCRA in process memory: the Redis limiter's stand-in, same interface.
+
+    Memory is bounded: a key whose bucket has refilled holds nothing worth keeping and is
+    dropped, and past `max_keys` the least recently used key goes (it restarts with a full bucket).
+    """
+
+    def __init__(self, *, period: float = 60.0, max_keys: int = 100_000) -> None:
+        self._period = period
+        self._max_keys = max_keys
+        self._tat: OrderedDict[str, float] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._tat)
+
+    async def hit(self, key: str, limit: int) -> RateDecision:
+        now = time.monotonic()
+        interval = self._period / limit
+        tat = max(self._tat.get(key, now), now)
+        new_tat = tat + interval
+        retry = new_tat - self._period - now
+        if retry > 0:
+            return RateDecision(allowed=False, limit=limit, remaining=0, reset_seconds=tat - now,
+                                retry_after=retry, local=True)
+        self._tat[key] = new_tat
+        self._tat.move_to_end(key)
+        self._evict(now)
+        remaining = int((self._period - (new_tat - now)) / interval + 1e-9)
+        return RateDecision(allowed=True, limit=limit, remaining=remaining, reset_seconds=new_tat - now,
+                            retry_after=0.0, local=True)
+
+    def _evict(self, now: float) -> None:
+        while self._tat:
+            oldest, tat = next(iter(self._tat.items()))
+            if tat > now and len(self._tat) <= self._max_keys:
+                return
+            del self._tat[oldest]
+
+
+class RequestRateLimiter:
+    """Requests per `period` per key (API key id, client IP), one limit shared by all replicas.
+
+    `scope` names what is limited ("ip", "key") and keeps the counters of different limits apart.
+    """
+
+    def __init__(self, redis: Redis, scope: str, *, period: float = 60.0, replicas: int = 1,
+                 timeout: float = REDIS_TIMEOUT, cooldown: float = REDIS_COOLDOWN,
+                 max_local_keys: int = 100_000) -> None:
+        self._prefix = f"dualgate:rl:{scope}:"
+        self._period_ms = int(period * 1000)
+        self._replicas = replicas
+        self._script = redis.register_script(_GCRA)
+        self._redis = _RedisCalls(f"rl:{scope}", timeout, cooldown)
+        self._local = LocalRateLimiter(period=period, max_keys=max_local_keys)
+
+    async def hit(self, key: str, limit: int) -> RateDecision:
+        """Count one request for `key` against `limit`; never raises because of Redis."""
+        try:
+            allowed, remaining, reset_ms, retry_ms = await self._redis.run(
+                lambda: self._script(keys=[self._prefix + key], args=[limit, self._period_ms]))
+        except _Unavailable:
+            return await self._local.hit(key, _local_share(limit, self._replicas))
+        return RateDecision(allowed=bool(allowed), limit=limit, remaining=int(remaining),
+                            reset_seconds=int(reset_ms) / 1000, retry_after=int(retry_ms) / 1000)
+
+
+# ---- tokens per day -----------------------------------------------------------------------
+
+# KEYS[1] hash: used, held, r:<id> -> tokens held by that reservation
+# KEYS[2] zset: reservation id -> deadline (ms, server clock)
+# Every script first drops the holds whose deadline has passed.
+_PRUNE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
+for _, id in ipairs(expired) do
+  local amount = tonumber(redis.call('HGET', KEYS[1], 'r:' .. id)) or 0
+  redis.call('HINCRBY', KEYS[1], 'held', -amount)
+  redis.call('HDEL', KEYS[1], 'r:' .. id)
+end
+if #expired > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+end
+local used = tonumber(redis.call('HGET', KEYS[1], 'used')) or 0
+local held = tonumber(redis.call('HGET', KEYS[1], 'held')) or 0
+local function hold(id, amount, old, ttl)
+  redis.call('HSET', KEYS[1], 'r:' .. id, amount)
+  redis.call('HINCRBY', KEYS[1], 'held', amount - old)
+  redis.call('ZADD', KEYS[2], now + ttl, id)
+end
+local function keep_until(at)
+  redis.call('EXPIREAT', KEYS[1], at)
+  redis.call('EXPIREAT', KEYS[2], at)
+end
+"""
+
+# ARGV id, cost, limit, ttl_ms, expire_at. Returns {allowed, remaining}.
+_RESERVE = _PRUNE + """
+local cost, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
+if used + held + cost > limit then
+  return {0, limit - used - held}
+end
+hold(ARGV[1], cost, 0, tonumber(ARGV[4]))
+keep_until(ARGV[5])
+return {1, limit - used - held - cost}
+"""
+
+# ARGV id, tokens_so_far, grow_by, limit, ttl_ms, expire_at. Returns {allowed, tokens held}.
+# A hold that already expired (missed renewals) is taken again from what is left.
+_CONSUME = _PRUNE + """
+local id, tokens, grow, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local amount = tonumber(redis.call('HGET', KEYS[1], 'r:' .. id)) or 0
+local available = limit - used - (held - amount)
+if tokens > available then
+  return {0, amount}
+end
+local new = math.max(amount, math.min(tokens + grow, available))
+hold(id, new, amount, tonumber(ARGV[5]))
+keep_until(ARGV[6])
+return {1, new}
+"""
+
+# ARGV id, actual tokens, expire_at. Charged even when the hold already expired: the tokens were used.
+_SETTLE = _PRUNE + """
+local amount = tonumber(redis.call('HGET', KEYS[1], 'r:' .. ARGV[1]))
+if amount then
+  redis.call('HINCRBY', KEYS[1], 'held', -amount)
+  redis.call('HDEL', KEYS[1], 'r:' .. ARGV[1])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+end
+redis.call('HINCRBY', KEYS[1], 'used', tonumber(ARGV[2]))
+keep_until(ARGV[3])
+return 1
+"""
+
+
+@dataclass(slots=True)
+class _LocalDay:
+    used: int = 0
+    holds: dict[str, tuple[int, float]] = field(default_factory=dict)  # id -> (tokens, deadline)
+
+    def held(self, now: float, excluding: str = "") -> int:
+        for rid in [rid for rid, (_, deadline) in self.holds.items() if deadline <= now]:
+            del self.holds[rid]
+        return sum(tokens for rid, (tokens, _) in self.holds.items() if rid != excluding)
+
+
+class LocalTokenBudget:
+    """The same reserve/consume/settle/release in process memory: the Redis budget's stand-in.
+
+    Bounded: one entry per (user, day), least recently used dropped past `max_users`.
+    """
+
+    def __init__(self, *, reservation_ttl: float = 600.0, grow_by: int = 256, max_users: int = 100_000) -> None:
+        self._ttl = reservation_ttl
+        self._grow_by = grow_by
+        self._max_users = max_users
+        self._days: OrderedDict[tuple[str, str], _LocalDay] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._days)
+
+    def _day(self, user_id: str, day: str) -> _LocalDay:
+        key = (user_id, day)
+        entry = self._days.get(key)
+        if entry is None:
+            entry = self._days[key] = _LocalDay()
+            # least recently used first: earlier days, then whoever is over the cap
+            while len(self._days) > self._max_users or next(iter(self._days))[1] < day:
+                self._days.popitem(last=False)
+        self._days.move_to_end(key)
+        return entry
+
+    async def reserve(self, user_id: str, max_cost: int, limit: int) -> BudgetDecision:
+        day, reset = _today(time.time())
+        now = time.monotonic()
+        entry = self._day(user_id, day)
+        left = limit - entry.used - entry.held(now)
+        if max_cost > left:
+            return BudgetDecision(allowed=False, limit=limit, remaining=max(0, left), reset_seconds=reset,
+                                  retry_after=reset, reservation=None, local=True)
+        reservation = Reservation(id=uuid.uuid4().hex, user_id=user_id, day=day, limit=limit,
+                                  reserved=max_cost, local=True, refresh_at=now + self._ttl / 2)
+        entry.holds[reservation.id] = (max_cost, now + self._ttl)
+        return BudgetDecision(allowed=True, limit=limit, remaining=left - max_cost, reset_seconds=reset,
+                              retry_after=0.0, reservation=reservation, local=True)
+
+    async def consume(self, reservation: Reservation, tokens_so_far: int) -> bool:
+        if reservation.done:
+            return False
+        now = time.monotonic()
+        entry = self._day(reservation.user_id, reservation.day)
+        available = reservation.limit - entry.used - entry.held(now, excluding=reservation.id)
+        if tokens_so_far > available:
+            return False
+        reservation.reserved = max(reservation.reserved, min(tokens_so_far + self._grow_by, available))
+        reservation.refresh_at = now + self._ttl / 2
+        entry.holds[reservation.id] = (reservation.reserved, now + self._ttl)
+        return True
+
+    async def settle(self, reservation: Reservation, actual_tokens: int) -> None:
+        if not reservation.done:
+            reservation.done = True
+            self._charge(reservation, actual_tokens)
+
+    def _charge(self, reservation: Reservation, actual_tokens: int) -> None:
+        entry = self._day(reservation.user_id, reservation.day)
+        entry.holds.pop(reservation.id, None)
+        entry.used += actual_tokens
+
+    async def release(self, reservation: Reservation) -> None:
+        await self.settle(reservation, 0)
+
+
+class TokenBudget:
+    """Tokens per UTC day per user, shared by all replicas, charged before the call and trued up after.
+
+        decision = await budget.reserve(user_id, max_cost, limit)     # 429 when not allowed
+        ... every N tokens of a stream:  if not await budget.consume(res, n): stop the stream
+        await budget.settle(res, actual)   # or budget.release(res) when the call failed
+
+    `max_cost` and `tokens_so_far` count the same thing (prompt + completion tokens).
+    consume() is free while the stream stays inside its hold: it only goes to Redis to grow the
+    hold (by `grow_by` past the tokens so far) or to renew its deadline (every reservation_ttl / 2).
+    A hold that is never settled is dropped after `reservation_ttl`.
+    """
+
+    def __init__(self, redis: Redis, *, replicas: int = 1, reservation_ttl: float = 600.0, grow_by: int = 256,
+                 timeout: float = REDIS_TIMEOUT, cooldown: float = REDIS_COOLDOWN,
+                 max_local_users: int = 100_000) -> None:
+        self._replicas = replicas
+        self._ttl = reservation_ttl
+        self._grow_by = grow_by
+        self._reserve = redis.register_script(_RESERVE)
+        self._consume = redis.register_script(_CONSUME)
+        self._settle = redis.register_script(_SETTLE)
+        self._redis = _RedisCalls("tok", timeout, cooldown)
+        self._local = LocalTokenBudget(reservation_ttl=reservation_ttl, grow_by=grow_by, max_users=max_local_users)
+
+    def _keys(self, user_id: str, day: str) -> list[str]:
+        # the braces keep both keys of one user-day in one cluster slot
+        base = f"dualgate:tok:{{{user_id}}}:{day}"
+        return [base, base + ":holds"]
+
+    def _expire_at(self, day: str) -> int:
+        day_end = calendar.timegm(time.strptime(day, "%Y%m%d")) + DAY
+        return day_end + int(self._ttl) + KEY_GRACE
+
+    async def reserve(self, user_id: str, max_cost: int, limit: int) -> BudgetDecision:
+        """Hold `max_cost` tokens of today's `limit`; denied when used + held + max_cost > limit."""
+        day, reset = _today(time.time())
+        rid = uuid.uuid4().hex
+        try:
+            allowed, remaining = await self._redis.run(lambda: self._reserve(
+                keys=self._keys(user_id, day),
+                args=[rid, max_cost, limit, int(self._ttl * 1000), self._expire_at(day)]))
+        except _Unavailable:
+            local_limit = _local_share(limit, self._replicas)
+            decision = await self._local.reserve(user_id, max_cost, local_limit)
+            # headers show the user's real limit; the local share only decides
+            return msgspec.structs.replace(decision, limit=limit)
+        if not allowed:
+            return BudgetDecision(allowed=False, limit=limit, remaining=max(0, int(remaining)),
+                                  reset_seconds=reset, retry_after=reset, reservation=None)
+        reservation = Reservation(id=rid, user_id=user_id, day=day, limit=limit, reserved=max_cost, local=False,
+                                  refresh_at=time.monotonic() + self._ttl / 2)
+        return BudgetDecision(allowed=True, limit=limit, remaining=int(remaining), reset_seconds=reset,
+                              retry_after=0.0, reservation=reservation)
+
+    async def consume(self, reservation: Reservation, tokens_so_far: int) -> bool:
+        """May a stream that has used `tokens_so_far` go on? False: stop it, then settle what it used."""
+        if reservation.done:
+            return False
+        if tokens_so_far <= reservation.reserved and time.monotonic() < reservation.refresh_at:
+            return True
+        if not reservation.local:
+            try:
+                allowed, held = await self._redis.run(lambda: self._consume(
+                    keys=self._keys(reservation.user_id, reservation.day),
+                    args=[reservation.id, tokens_so_far, self._grow_by, reservation.limit,
+                          int(self._ttl * 1000), self._expire_at(reservation.day)]))
+            except _Unavailable:
+                # the Redis hold expires by itself; from now on this replica's share holds the stream
+                reservation.local = True
+                reservation.reserved = 0
+                reservation.limit = _local_share(reservation.limit, self._replicas)
+            else:
+                if allowed:
+                    reservation.reserved = int(held)
+                    reservation.refresh_at = time.monotonic() + self._ttl / 2
+                return bool(allowed)
+        return await self._local.consume(reservation, tokens_so_far)
+
+    async def settle(self, reservation: Reservation, actual_tokens: int) -> None:
+        """Replace the hold with the tokens really used (the difference goes back to the user)."""
+        if reservation.done:
+            return
+        reservation.done = True
+        if not reservation.local:
+            try:
+                await self._redis.run(lambda: self._settle(
+                    keys=self._keys(reservation.user_id, reservation.day),
+                    args=[reservation.id, actual_tokens, self._expire_at(reservation.day)]))
+                return
+            except _Unavailable:
+                pass  # the Redis hold expires by itself; this replica's share carries the charge
+        self._local._charge(reservation, actual_tokens)
+
+    async def release(self, reservation: Reservation) -> None:
+        """The call failed: give every held token back."""
+        await self.settle(reservation, 0)

@@ -1,0 +1,27 @@
+"""Prometheus metrics shared by every process; names start with `dualgate_`."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter(
+    "dualgate_requests_total", "HTTP requests handled", ["service", "route", "method", "status"]
+)
+REQUEST_DURATION = Histogram(
+    "dualgate_request_duration_seconds",
+    "HTTP request duration, first byte in to last byte out",
+    ["service", "route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+TTFT = Histogram(
+    "dualgate_ttft_seconds",
+    "Time to first token",
+    ["service", "model"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+TOKENS = Counter("dualgate_tokens_total", "Tokens processed", ["service", "model", "kind"])
+FALLBACKS = Counter("dualgate_fallback_total", "Answers served by a fallback layer", ["service", "layer"])
+ENGINE_QUEUE_DEPTH = Gauge("dualgate_engine_queue_depth", "Requests waiting for an engine slot", ["engine"])
+ENGINE_ACTIVE = Gauge("dualgate_engine_active_sequences", "Sequences being generated", ["engine"])
+EVENTS_PUBLISHED = Counter("dualgate_events_published_total", "Events published to Kafka", ["topic"])
+EVENTS_CONSUMED = Counter("dualgate_events_consumed_total", "Events consumed from Kafka", ["topic", "outcome"])

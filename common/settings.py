@@ -1,0 +1,80 @@
+"""Process settings from DUALGATE_* environment variables, with local defaults.
+
+Every deployable reads one `Settings`; the stack sets the variables per process.
+Nothing here knows whether the servers behind the URLs are embedded or managed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import msgspec
+
+ENV_PREFIX = "DUALGATE_"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(msgspec.Struct, kw_only=True):
+    service: str = "dualgate"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "INFO"
+
+    # infrastructure
+    database_url: str = "postgresql://postgres@127.0.0.1:15432/postgres"
+    redis_url: str = "redis://127.0.0.1:16379/0"
+    kafka_bootstrap: str = "127.0.0.1:19092"
+    vault_addr: str = "http://127.0.0.1:18200"
+    vault_role_id: str = ""
+    vault_secret_id: str = ""
+
+    # upstreams
+    auth_url: str = "http://127.0.0.1:8301"
+    users_url: str = "http://127.0.0.1:8302"
+    chat_url: str = "http://127.0.0.1:8303"
+    models_url: str = "http://127.0.0.1:8304"
+    inference_url: str = "http://127.0.0.1:8305"
+    gateway_identity_urls: str = "http://127.0.0.1:8201"  # comma-separated pool
+    gateway_ai_urls: str = "http://127.0.0.1:8202"
+    gateway_fallback_url: str = "http://127.0.0.1:8209"
+
+    # gateway
+    domain: str = "ai"  # identity | ai
+
+    # timeouts (seconds)
+    connect_timeout: float = 1.0
+    first_byte_timeout: float = 30.0
+    total_timeout: float = 300.0
+
+    # limits
+    max_body_bytes: int = 1_048_576
+
+    # auth service: bootstrap admin key (hashed on start; never logged)
+    bootstrap_admin_key: str = ""
+
+    # inference
+    model_cache: str = str(REPO_ROOT / ".dualgate" / "models")
+    cpu_threads: int = 2
+    cpu_max_batch: int = 8
+    cpu_max_queue: int = 64
+    cpu_engine_enabled: bool = True
+
+    # models service cache TTL used by the chat service (seconds)
+    model_cache_ttl: float = 5.0
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: object) -> "Settings":
+        env = os.environ if env is None else env
+        fields = {f.name for f in msgspec.structs.fields(cls)}
+        raw: dict[str, object] = {
+            key[len(ENV_PREFIX):].lower(): value
+            for key, value in env.items()
+            if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX):].lower() in fields
+        }
+        raw.update(overrides)
+        # strict=False converts "8080" -> 8080 and "true" -> True from env strings
+        return msgspec.convert(raw, cls, strict=False)
+
+    def url_list(self, value: str) -> list[str]:
+        return [u.strip().rstrip("/") for u in value.split(",") if u.strip()]

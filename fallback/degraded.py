@@ -1,0 +1,18 @@
+from __future__ import annotations
+
+from litestar import Response
+
+from common.errors import ErrorBody, ErrorEnvelope, error_response
+from common.metrics import FALLBACKS
+
+DEGRADED_HEADER = "x-dualgate-degraded"
+RETRY_AFTER_SECONDS = 5
+
+
+def degraded_response(service: str, reason: str) -> Response:
+    """Never a fabricated answer: a structured 503 the client can act on."""
+    FALLBACKS.labels(service, "degraded").inc()
+    body = ErrorEnvelope(ErrorBody(
+        message=f"The service is degraded and cannot answer this request now ({reason}). Retry shortly.",
+        type="service_unavailable", code="degraded"))
+    return error_response(503, body, {"Retry-After": str(RETRY_AFTER_SECONDS), DEGRADED_HEADER: "degraded"})

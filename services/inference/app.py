@@ -1,0 +1,86 @@
+"""Inference service: the engine front. Embedded CPU model and synthetic engine today; SGLang workers later."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+from pathlib import Path
+
+from litestar import Litestar
+
+from common.app import create_service_app
+from common.metrics import ENGINE_ACTIVE, ENGINE_QUEUE_DEPTH
+from common.security import InternalTokens
+from common.settings import Settings
+from common.vault import Vault
+from services.inference.routes import route_handlers
+
+if TYPE_CHECKING:
+    from services.inference.engines.cpu import CpuEngine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class InferenceDeps:
+    settings: Settings
+    tokens: InternalTokens
+    cpu: "CpuEngine | None"
+    loading: asyncio.Task | None = None
+    load_error: str | None = field(default=None)
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    settings = settings or Settings.from_env(service="inference")
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar):
+        vault = Vault(settings)
+        await vault.login()
+        cpu = None
+        if settings.cpu_engine_enabled:
+            # imported only when used: torch and transformers take seconds to import
+            from services.inference.engines.cpu import CpuEngine
+
+            cpu = CpuEngine(cache_dir=Path(settings.model_cache), threads=settings.cpu_threads,
+                            max_batch=settings.cpu_max_batch, max_queue=settings.cpu_max_queue)
+            ENGINE_QUEUE_DEPTH.labels("cpu").set_function(lambda: cpu.queue_depth)
+            ENGINE_ACTIVE.labels("cpu").set_function(lambda: cpu.active_sequences)
+        deps = InferenceDeps(settings=settings, tokens=await vault.internal_tokens(), cpu=cpu)
+        if cpu is not None:
+            # load in the background so /healthz answers and /readyz can say "loading"
+            deps.loading = asyncio.create_task(_load(deps, cpu))
+        app.state.deps = deps
+        try:
+            yield
+        finally:
+            if deps.loading:
+                deps.loading.cancel()
+            if cpu is not None:
+                await cpu.stop()
+
+    async def _load(deps: InferenceDeps, cpu) -> None:
+        try:
+            await cpu.start()
+            log.info("cpu engine ready", extra={"model": cpu.model_name})
+        except Exception as exc:
+            deps.load_error = f"{type(exc).__name__}: {exc}"
+            log.exception("cpu engine failed to load")
+
+    def readiness(state):
+        deps: InferenceDeps | None = getattr(state, "deps", None)
+
+        async def cpu_engine() -> None:
+            if deps is None or deps.cpu is None:
+                return
+            if deps.load_error:
+                raise RuntimeError(deps.load_error)
+            if not deps.cpu.ready:
+                raise RuntimeError("model loading")
+
+        return {"cpu_engine": cpu_engine}
+
+    return create_service_app(settings, route_handlers=route_handlers, readiness=readiness, lifespan=lifespan)

@@ -1,0 +1,1 @@
+"""Engines the inference service can serve a chat completion from."""

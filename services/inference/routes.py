@@ -1,0 +1,137 @@
+"""POST /v1/chat/completions in the OpenAI format, streamed from the engine the deployment names."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import msgspec
+from litestar import Request, Response, get, post
+from litestar.datastructures import State
+from litestar.response import Stream
+
+from common.errors import ApiError, ErrorBody, ErrorEnvelope, unavailable
+from common.metrics import TOKENS, TTFT
+from common.openai_schema import (
+    ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, Delta, EngineSpec, InferenceRequest,
+    ModelCard, ModelList, ResponseMessage, Usage, completion_id, now,
+)
+from common.errors import decode_body
+from common.sse import DONE, SSE_HEADERS, error_frame, frame
+from services.inference.engines.base import EngineBusy, Finished, GenerationRequest, TokenDelta
+from services.inference.engines.synthetic import SyntheticEngine
+
+AUDIENCE = "inference"
+DEFAULT_MAX_TOKENS = 256
+
+
+def _engine_for(state: State, spec: EngineSpec | None, model: str):
+    deps = state.deps
+    spec = spec or EngineSpec(engine="synthetic" if model.startswith("synthetic") else "cpu")
+    if spec.engine == "synthetic":
+        return SyntheticEngine.from_params(spec.params)
+    if spec.engine == "cpu":
+        if deps.cpu is None or not deps.cpu.ready:
+            raise unavailable("The CPU engine is not loaded yet.", retry_after=5, code="engine_unavailable")
+        return deps.cpu
+    raise ApiError(501, f"Engine '{spec.engine}' is not available on this inference service.",
+                   type="server_error", code="engine_unavailable")
+
+
+@post("/v1/chat/completions", status_code=200)
+async def chat_completions(request: Request, state: State) -> Response | Stream:
+    state.deps.tokens.principal_from(request, AUDIENCE)
+    body: InferenceRequest = decode_body(await request.body(), InferenceRequest)
+    engine = _engine_for(state, body.deployment, body.model)
+    generation = GenerationRequest(
+        messages=body.plain_messages(),
+        max_tokens=body.token_limit() or DEFAULT_MAX_TOKENS,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        stop=body.stop_list(),
+        seed=body.seed,
+    )
+    started = time.perf_counter()
+    events = engine.generate(generation)
+    try:
+        # the first event surfaces a full queue as 429 before any byte is sent
+        first = await events.__anext__()
+    except EngineBusy as busy:
+        await events.aclose()
+        raise ApiError(429, "The engine queue is full; retry shortly.", type="rate_limit_error",
+                       code="engine_overloaded", headers={"Retry-After": str(max(1, round(busy.retry_after)))})
+    model = body.model
+    TTFT.labels("inference", model).observe(time.perf_counter() - started)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return Stream(_sse(first, events, model, include_usage), media_type="text/event-stream",
+                      headers=SSE_HEADERS)
+    text, finished = await _collect(first, events)
+    return Response(
+        content=msgspec.json.encode(ChatCompletion(
+            id=completion_id(), created=now(), model=model,
+            choices=[Choice(index=0, message=ResponseMessage("assistant", text), finish_reason=finished.finish_reason)],
+            usage=_usage(finished, model),
+        )),
+        media_type="application/json",
+    )
+
+
+def _usage(finished: Finished, model: str) -> Usage:
+    TOKENS.labels("inference", model, "prompt").inc(finished.prompt_tokens)
+    TOKENS.labels("inference", model, "completion").inc(finished.completion_tokens)
+    return Usage(finished.prompt_tokens, finished.completion_tokens,
+                 finished.prompt_tokens + finished.completion_tokens)
+
+
+async def _collect(first, events: AsyncIterator) -> tuple[str, Finished]:
+    parts: list[str] = []
+    event = first
+    try:
+        while not isinstance(event, Finished):
+            parts.append(event.text)
+            event = await events.__anext__()
+    finally:
+        await events.aclose()
+    return "".join(parts), event
+
+
+async def _sse(first, events: AsyncIterator, model: str, include_usage: bool) -> AsyncIterator[bytes]:
+    cid, created = completion_id(), now()
+
+    def chunk(delta: Delta, finish: str | None = None) -> bytes:
+        return frame(ChatCompletionChunk(id=cid, created=created, model=model,
+                                         choices=[ChunkChoice(0, delta, finish)]))
+
+    event = first
+    try:
+        yield chunk(Delta(role="assistant", content=""))
+        while True:
+            if isinstance(event, TokenDelta):
+                yield chunk(Delta(content=event.text))
+            else:
+                assert isinstance(event, Finished)
+                yield chunk(Delta(), event.finish_reason)
+                usage = _usage(event, model)
+                if include_usage:
+                    yield frame(ChatCompletionChunk(id=cid, created=created, model=model, choices=[], usage=usage))
+                yield DONE
+                return
+            event = await events.__anext__()
+    except Exception as exc:  # an engine failure mid-stream ends with an error event, never a silent cut
+        yield error_frame(ErrorEnvelope(ErrorBody(message=f"Generation failed: {type(exc).__name__}",
+                                                  type="server_error", code="engine_error")))
+    finally:
+        await events.aclose()
+
+
+@get("/v1/models")
+async def list_engines(request: Request, state: State) -> ModelList:
+    state.deps.tokens.principal_from(request, AUDIENCE)
+    cards = [ModelCard(id="synthetic", created=0, owned_by="dualgate")]
+    if state.deps.cpu is not None and state.deps.cpu.ready:
+        cards.append(ModelCard(id=state.deps.cpu.model_name, created=0, owned_by="dualgate"))
+    return ModelList(data=cards)
+
+
+route_handlers = [chat_completions, list_engines]

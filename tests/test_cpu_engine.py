@@ -1,0 +1,147 @@
+"""The embedded CPU engine on the real SmolLM2 weights: what a caller of generate() notices.
+
+The first run ever dequantizes the GGUF into the model cache (~25 s); later runs load it in ~2 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from services.inference.engines.cpu import (
+    CpuEngine, EngineBusy, EngineStopped, Finished, GenerationRequest, TokenDelta, measure_throughput,
+)
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+CACHE = Path(os.environ.get("DUALGATE_MODEL_CACHE") or Path(__file__).resolve().parents[1] / ".dualgate" / "models")
+
+
+def story(topic: str = "a lighthouse keeper") -> list[dict]:
+    return [{"role": "user", "content": f"Write a long story about {topic}."}]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def engine() -> AsyncIterator[CpuEngine]:
+    engine = CpuEngine(cache_dir=CACHE, threads=2, max_batch=8, max_queue=8)
+    await engine.start()
+    yield engine
+    await engine.stop()
+
+
+async def run(engine: CpuEngine, request: GenerationRequest) -> tuple[list[str], Finished]:
+    pieces: list[str] = []
+    async for event in engine.generate(request):
+        if isinstance(event, Finished):
+            return pieces, event
+        pieces.append(event.text)
+    raise AssertionError("the stream ended without Finished")
+
+
+async def until(condition, timeout: float = 10.0) -> None:
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+async def test_greedy_generation_streams_text_and_counts_real_tokens(engine: CpuEngine) -> None:
+    pieces, finished = await run(engine, GenerationRequest(messages=story(), max_tokens=8, temperature=0))
+
+    assert pieces and all(pieces)
+    assert "".join(pieces).strip()
+    if finished.finish_reason == "length":
+        assert finished.completion_tokens == 8
+    else:
+        assert finished.finish_reason == "stop" and finished.completion_tokens <= 8
+    assert finished.prompt_tokens == engine.count_prompt_tokens(story()) > 10
+    assert engine.context_length == 8192
+
+
+async def test_stop_string_ends_text_before_it(engine: CpuEngine) -> None:
+    pieces, _ = await run(engine, GenerationRequest(messages=story(), max_tokens=24, temperature=0))
+    text = "".join(pieces)
+    words = text.split()
+    stop = f"{words[len(words) // 2]} {words[len(words) // 2 + 1]}"  # two words: the stop spans tokens
+
+    pieces, finished = await run(engine, GenerationRequest(messages=story(), max_tokens=24, temperature=0,
+                                                           stop=[stop]))
+
+    assert "".join(pieces) == text[:text.index(stop)]
+    assert finished.finish_reason == "stop"
+
+
+async def test_same_seed_samples_the_same_text(engine: CpuEngine) -> None:
+    request = GenerationRequest(messages=story("a winter market"), max_tokens=16, temperature=0.8, top_p=0.95,
+                                seed=1234)
+
+    first, _ = await run(engine, request)
+    second, _ = await run(engine, request)
+
+    assert "".join(first) == "".join(second) != ""
+
+
+async def test_concurrent_requests_are_batched_together(engine: CpuEngine) -> None:
+    peak = 0
+
+    async def one(topic: str) -> Finished:
+        nonlocal peak
+        async for event in engine.generate(GenerationRequest(messages=story(topic), max_tokens=16, temperature=0)):
+            peak = max(peak, engine.active_sequences)
+            if isinstance(event, Finished):
+                return event
+        raise AssertionError("the stream ended without Finished")
+
+    results = await asyncio.gather(*(one(t) for t in ("the sea", "a city", "a robot", "a train")))
+
+    assert all(r.completion_tokens > 0 for r in results)
+    assert peak > 1
+    await until(lambda: engine.active_sequences == 0)
+
+
+async def test_closing_a_stream_frees_its_slot(engine: CpuEngine) -> None:
+    events = engine.generate(GenerationRequest(messages=story(), max_tokens=200, temperature=0))
+    assert isinstance(await events.__anext__(), TokenDelta)
+    assert engine.active_sequences == 1
+
+    await events.aclose()
+
+    await until(lambda: engine.active_sequences == 0, timeout=5)
+
+
+async def test_full_queue_answers_busy_and_stop_ends_streams() -> None:
+    small = CpuEngine(cache_dir=CACHE, threads=2, max_batch=1, max_queue=1)
+    await small.start()
+    long = GenerationRequest(messages=story(), max_tokens=200, temperature=0)
+    running = small.generate(long)
+    await running.__anext__()
+    waiting = small.generate(long)
+    waiting_first = asyncio.ensure_future(waiting.__anext__())
+    await until(lambda: small.queue_depth == 1)
+
+    with pytest.raises(EngineBusy) as busy:
+        await small.generate(long).__anext__()
+    assert busy.value.retry_after >= 1
+
+    await small.stop()
+    with pytest.raises(EngineStopped):
+        async for _ in running:
+            pass
+    with pytest.raises(EngineStopped):
+        await waiting_first
+    assert not small.ready
+
+
+async def test_measure_throughput_reports_rate_and_ttft(engine: CpuEngine) -> None:
+    result = await measure_throughput(engine, concurrency=2, max_tokens=4)
+
+    assert result["concurrency"] == 2
+    assert 0 < result["completion_tokens"] <= 8
+    assert result["tokens_per_s"] > 0
+    assert 0 < result["ttft_p50_s"] <= result["ttft_p95_s"]

