@@ -26,6 +26,19 @@ class ModelRecord(msgspec.Struct, kw_only=True):
     created: int = 0
 
 
+class PlanLimits(msgspec.Struct, kw_only=True, frozen=True):
+    """A user's plan as the gateways enforce it."""
+
+    name: str = "default"
+    requests_per_min: int = 600
+    tokens_per_day: int = 1_000_000
+    max_tokens: int = 4096
+    allowed_models: tuple[str, ...] = ()  # empty: every model
+
+
+DEFAULT_PLAN = PlanLimits()
+
+
 class IntrospectRequest(msgspec.Struct):
     key: str
 
@@ -36,6 +49,26 @@ class KeyPrincipal(msgspec.Struct, kw_only=True):
     user_id: str
     key_id: str
     scopes: list[str]
+    plan: PlanLimits = DEFAULT_PLAN
+    # set while a rotated-away secret is in its grace window: the key stops working at this unix time
+    expires_at: float | None = None
+
+
+# ---- auth changes, broadcast to every gateway (Redis) ---------------------------------------
+# Revocation must reach every gateway within 1 s: the auth service publishes each change on
+# AUTH_CHANNEL and records it in AUTH_REVOKED (a hash: "key:<key id>" or "user:<user id>" -> unix
+# time), which gateways consult when they (re)subscribe and the fallback gateway's snapshot obeys.
+AUTH_CHANNEL = "dualgate:auth:changes"
+AUTH_REVOKED = "dualgate:auth:revoked"
+# the fallback gateway's snapshot of valid keys: a hash sha256(full key) hex -> KeyPrincipal JSON
+AUTH_SNAPSHOT = "dualgate:auth:snapshot"
+
+
+class AuthChange(msgspec.Struct, kw_only=True):
+    kind: str  # key_revoked | key_rotated | user_disabled | user_enabled | plan_changed
+    key_id: str | None = None
+    user_id: str | None = None
+    at: float = 0.0
 
 
 class TurnEvent(msgspec.Struct, kw_only=True):

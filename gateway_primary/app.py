@@ -9,11 +9,11 @@ import msgspec
 from litestar import Litestar
 
 from common.app import create_service_app
+from common.authn import Authenticator
 from common.http import upstream_client
 from common.security import InternalTokens
 from common.settings import Settings
 from common.vault import Vault
-from gateway_primary.auth import Authenticator
 from gateway_primary.routes import ROUTES, Upstream, route_handlers
 
 

@@ -46,13 +46,13 @@ async def forward(request: Request, state: State) -> Response | Stream:
     service = match(deps.domain, request.url.path)
     if service is None:
         raise not_found(f"No route for {request.method} {request.url.path}.", code="unknown_route")
-    principal = await deps.auth.authenticate(request)
+    identity = await deps.auth.authenticate(request)
     if request_body_too_large(request, deps.max_body_bytes):
         raise ApiError(413, "Request body too large.", code="request_too_large")
     body = await request.body()
     upstream = deps.upstreams[service]
     headers = forward_headers(request.headers, _DROP_REQUEST_HEADERS)
-    headers.update(deps.tokens.headers(upstream.audience, principal))
+    headers.update(deps.tokens.headers(upstream.audience, identity.principal))
     try:
         response = await open_upstream(upstream.client, request, request.url.path, body=body, headers=headers)
     except httpx.HTTPError as exc:

@@ -140,6 +140,16 @@ def print_table(results: dict, console: Console) -> None:
     console.print("times in ms; 'added' = chain minus direct at the same percentile")
 
 
+def register(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="benchmarks against a running stack")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    overhead_cmd = bench_sub.add_parser("overhead", help="latency the full chain adds over the inference service")
+    overhead_cmd.add_argument("--requests", type=int, default=200, help="requests per concurrency level and path")
+    overhead_cmd.add_argument("--concurrency", default="1,16", help="comma-separated levels")
+    overhead_cmd.add_argument("--output", default="bench-results/overhead.json")
+    overhead_cmd.set_defaults(func=main)
+
+
 def main(args: argparse.Namespace) -> int:
     console = Console()
     config = StackConfig()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import sys
 
@@ -62,9 +63,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if all(r.ready for r in rows) else 1
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from stack import bench
-    return bench.main(args)
+# Commands that live in their own modules: each has `register(subparsers)` and imports its heavy
+# dependencies lazily, so `dualgate status` stays fast.
+COMMAND_MODULES = ("stack.bench",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,13 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="every component: port, pid, ready or why not")
     status.add_argument("--json", action="store_true", help="one JSON array instead of a table")
     status.set_defaults(func=cmd_status)
-    bench = sub.add_parser("bench", help="benchmarks against a running stack")
-    bench_sub = bench.add_subparsers(dest="bench", required=True)
-    overhead = bench_sub.add_parser("overhead", help="latency the full chain adds over the inference service")
-    overhead.add_argument("--requests", type=int, default=200, help="requests per concurrency level and path")
-    overhead.add_argument("--concurrency", default="1,16", help="comma-separated levels")
-    overhead.add_argument("--output", default="bench-results/overhead.json")
-    overhead.set_defaults(func=cmd_bench)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 

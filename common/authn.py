@@ -1,6 +1,7 @@
-"""Who is calling: an API key, checked by the auth service and cached very briefly in process.
+"""Who is calling, as both gateways decide it: an API key (checked by the auth service, cached)
+or, later, a JWT verified locally against the auth service's JWKS.
 
-The cache lifetime (1 s) is what bounds how long a revoked key can still pass here.
+Today the in-process cache lifetime (1 s) is what bounds how long a revoked key can still pass.
 Concurrent misses for one key share a single introspection call.
 """
 
@@ -14,12 +15,19 @@ import httpx
 import msgspec
 from litestar import Request
 
-from common.contracts import IntrospectRequest, KeyPrincipal
+from common.contracts import DEFAULT_PLAN, IntrospectRequest, KeyPrincipal, PlanLimits
 from common.errors import unauthorized, unavailable
 from common.security import InternalTokens, Principal, bearer_token, parse_api_key, service_principal
 
 _decoder = msgspec.json.Decoder(KeyPrincipal)
 MAX_CACHED_KEYS = 50_000
+
+
+class Identity(msgspec.Struct, frozen=True):
+    """An authenticated caller: who (travels on in the internal token) and what their plan allows."""
+
+    principal: Principal
+    plan: PlanLimits = DEFAULT_PLAN
 
 
 class Authenticator:
@@ -28,10 +36,10 @@ class Authenticator:
         self.tokens = tokens
         self.ttl = ttl
         self._self = service_principal(service)
-        self._cache: dict[bytes, tuple[Principal, float]] = {}
-        self._inflight: dict[bytes, asyncio.Future[Principal]] = {}
+        self._cache: dict[bytes, tuple[Identity, float]] = {}
+        self._inflight: dict[bytes, asyncio.Future[Identity]] = {}
 
-    async def authenticate(self, request: Request) -> Principal:
+    async def authenticate(self, request: Request) -> Identity:
         key = bearer_token(request)
         if not key or parse_api_key(key) is None:
             raise unauthorized()
@@ -41,15 +49,15 @@ class Authenticator:
             return cached[0]
         if (pending := self._inflight.get(digest)) is not None:
             return await asyncio.shield(pending)
-        future: asyncio.Future[Principal] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Identity] = asyncio.get_running_loop().create_future()
         self._inflight[digest] = future
         try:
-            principal = await self._introspect(key)
+            identity = await self._introspect(key)
             if len(self._cache) >= MAX_CACHED_KEYS:
                 self._cache.clear()
-            self._cache[digest] = (principal, time.monotonic() + self.ttl)
-            future.set_result(principal)
-            return principal
+            self._cache[digest] = (identity, time.monotonic() + self.ttl)
+            future.set_result(identity)
+            return identity
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # mark retrieved: waiters may be none
@@ -57,7 +65,7 @@ class Authenticator:
         finally:
             del self._inflight[digest]
 
-    async def _introspect(self, key: str) -> Principal:
+    async def _introspect(self, key: str) -> Identity:
         try:
             resp = await self.client.post(
                 "/internal/introspect", content=msgspec.json.encode(IntrospectRequest(key)),
@@ -69,4 +77,5 @@ class Authenticator:
         if resp.status_code != 200:
             raise unavailable("Authentication is temporarily unavailable.", code="auth_unavailable")
         found = _decoder.decode(resp.content)
-        return Principal(subject=found.user_id, scopes=tuple(found.scopes), key_id=found.key_id)
+        return Identity(Principal(subject=found.user_id, scopes=tuple(found.scopes), key_id=found.key_id),
+                        found.plan)
