@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import calendar
 import logging
+import math
 import time
 import uuid
 from collections import OrderedDict
@@ -84,11 +85,11 @@ def _local_share(limit: int, replicas: int) -> int:
     return max(1, limit // replicas)
 
 
-class _Unavailable(Exception):
+class RedisUnavailable(Exception):
     """Redis did not answer in time (or is cooling down after it did not)."""
 
 
-class _RedisCalls:
+class RedisCalls:
     """Bounds every Redis call; after a failure skips Redis for `cooldown` seconds."""
 
     def __init__(self, what: str, timeout: float, cooldown: float) -> None:
@@ -100,7 +101,7 @@ class _RedisCalls:
 
     async def run(self, call: Callable[[], Awaitable[T]]) -> T:
         if time.monotonic() < self._down_until:
-            raise _Unavailable
+            raise RedisUnavailable
         try:
             async with asyncio.timeout(self._timeout):
                 result = await call()
@@ -110,7 +111,7 @@ class _RedisCalls:
                 self._down = True
                 log.warning("redis unavailable, limiting in process",
                             extra={"limiter": self._what, "error": repr(exc)})
-            raise _Unavailable from exc
+            raise RedisUnavailable from exc
         if self._down:
             self._down = False
             log.info("redis reachable again", extra={"limiter": self._what})
@@ -190,7 +191,7 @@ class RequestRateLimiter:
         self._period_ms = int(period * 1000)
         self._replicas = replicas
         self._script = redis.register_script(_GCRA)
-        self._redis = _RedisCalls(f"rl:{scope}", timeout, cooldown)
+        self._redis = RedisCalls(f"rl:{scope}", timeout, cooldown)
         self._local = LocalRateLimiter(period=period, max_keys=max_local_keys)
 
     async def hit(self, key: str, limit: int) -> RateDecision:
@@ -198,7 +199,7 @@ class RequestRateLimiter:
         try:
             allowed, remaining, reset_ms, retry_ms = await self._redis.run(
                 lambda: self._script(keys=[self._prefix + key], args=[limit, self._period_ms]))
-        except _Unavailable:
+        except RedisUnavailable:
             return await self._local.hit(key, _local_share(limit, self._replicas))
         return RateDecision(allowed=bool(allowed), limit=limit, remaining=int(remaining),
                             reset_seconds=int(reset_ms) / 1000, retry_after=int(retry_ms) / 1000)
@@ -374,7 +375,7 @@ class TokenBudget:
         self._reserve = redis.register_script(_RESERVE)
         self._consume = redis.register_script(_CONSUME)
         self._settle = redis.register_script(_SETTLE)
-        self._redis = _RedisCalls("tok", timeout, cooldown)
+        self._redis = RedisCalls("tok", timeout, cooldown)
         self._local = LocalTokenBudget(reservation_ttl=reservation_ttl, grow_by=grow_by, max_users=max_local_users)
 
     def _keys(self, user_id: str, day: str) -> list[str]:
@@ -394,7 +395,7 @@ class TokenBudget:
             allowed, remaining = await self._redis.run(lambda: self._reserve(
                 keys=self._keys(user_id, day),
                 args=[rid, max_cost, limit, int(self._ttl * 1000), self._expire_at(day)]))
-        except _Unavailable:
+        except RedisUnavailable:
             local_limit = _local_share(limit, self._replicas)
             decision = await self._local.reserve(user_id, max_cost, local_limit)
             # headers show the user's real limit; the local share only decides
@@ -419,7 +420,7 @@ class TokenBudget:
                     keys=self._keys(reservation.user_id, reservation.day),
                     args=[reservation.id, tokens_so_far, self._grow_by, reservation.limit,
                           int(self._ttl * 1000), self._expire_at(reservation.day)]))
-            except _Unavailable:
+            except RedisUnavailable:
                 # the Redis hold expires by itself; from now on this replica's share holds the stream
                 reservation.local = True
                 reservation.reserved = 0
@@ -442,10 +443,43 @@ class TokenBudget:
                     keys=self._keys(reservation.user_id, reservation.day),
                     args=[reservation.id, actual_tokens, self._expire_at(reservation.day)]))
                 return
-            except _Unavailable:
+            except RedisUnavailable:
                 pass  # the Redis hold expires by itself; this replica's share carries the charge
         self._local._charge(reservation, actual_tokens)
 
     async def release(self, reservation: Reservation) -> None:
         """The call failed: give every held token back."""
         await self.settle(reservation, 0)
+
+
+# ---- what the caller is told ---------------------------------------------------------------
+
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format: 20ms, 1.5s, 6m0s, 3h2m1s."""
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    if seconds < 60:
+        return f"{seconds:.3g}s"
+    whole = int(round(seconds))
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return (f"{hours}h" if hours else "") + f"{minutes}m{secs}s"
+
+
+def rate_headers(requests: RateDecision | None = None, tokens: BudgetDecision | None = None) -> dict[str, str]:
+    """`x-ratelimit-limit/remaining/reset-requests|tokens` for every answer a limit looked at."""
+    headers: dict[str, str] = {}
+    if requests is not None:
+        headers["x-ratelimit-limit-requests"] = str(requests.limit)
+        headers["x-ratelimit-remaining-requests"] = str(requests.remaining)
+        headers["x-ratelimit-reset-requests"] = _duration(requests.reset_seconds)
+    if tokens is not None:
+        headers["x-ratelimit-limit-tokens"] = str(tokens.limit)
+        headers["x-ratelimit-remaining-tokens"] = str(tokens.remaining)
+        headers["x-ratelimit-reset-tokens"] = _duration(tokens.reset_seconds)
+    return headers
+
+
+def retry_after(seconds: float) -> str:
+    """Retry-After in whole seconds, never 0 for a refusal."""
+    return str(max(1, math.ceil(seconds)))

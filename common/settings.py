@@ -63,6 +63,25 @@ class Settings(msgspec.Struct, kw_only=True):
     # models service cache TTL used by the chat service (seconds)
     model_cache_ttl: float = 5.0
 
+    # ---- edge resilience (gateways, router, fallback chain) ----
+    gateway_replicas: int = 1  # replicas sharing the limits: each one's in-process share when Redis is down
+    cache_ttl: float = 300.0  # a deterministic answer is replayed this long
+    cache_stale_ttl: float = 86_400.0  # and kept this long for the fallback chain's cached layer
+    cache_local_entries: int = 2048  # in-process copies of recent cache entries (bounded)
+    breaker_fail_max: int = 5
+    breaker_reset_timeout: float = 2.0
+    retry_attempts: int = 2  # per upstream call, before the first byte only
+    retry_budget_ratio: float = 0.1
+    initial_token_hold: int = 256  # tokens held for a completion that names no max_tokens; grows as it streams
+    fallback_first_byte_timeout: float = 5.0  # the fallback gateway's and chain's short waits
+    simplified_model: str = "smollm2-135m-instruct"
+    simplified_max_tokens: int = 128
+    fallback_rate_share: float = 0.5  # the fallback gateway admits this share of a plan's requests/min
+    router_ip_rpm: int = 120_000  # per client IP, all routes
+    router_first_byte_timeout: float = 60.0
+    health_interval: float = 0.5
+    health_timeout: float = 0.5
+
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: object) -> "Settings":
         env = os.environ if env is None else env

@@ -1,22 +1,102 @@
-"""The fallback gateway: what answers when a domain gateway cannot."""
+"""The fallback gateway: what answers, for both domains, when a domain gateway cannot.
+
+Authentication comes from the auth snapshot (`common.authn.SnapshotAuthenticator`: Redis mirrored
+in process memory, obeying revocations) when the kit provides it; until then from introspection
+with the same `authenticate(request) -> Identity` interface. Limits are conservative (a share of
+each plan) and still exact across replicas while Redis answers.
+"""
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from litestar import Litestar
 
+import common.authn as authn
 from common.app import create_service_app
+from common.http import upstream_client
+from common.limits import RequestRateLimiter, TokenBudget
+from common.proxy import Hop
+from common.security import InternalTokens
 from common.settings import Settings
+from common.vault import Vault
+from fallback.cache import LastKnown, ResponseCache
+from fallback.chatpath import ChatPath
+from fallback.forward import Upstream
+from fallback.wiring import build_chain, build_hops, gateway_status, redis_client
 from gateway_fallback.routes import route_handlers
+
+AUTH_TIMEOUT = 2.0
+
+
+@dataclass
+class FallbackDeps:
+    service: str
+    tokens: InternalTokens
+    auth: object  # authenticate(request) -> Identity
+    hops: dict[str, Hop]
+    upstreams: dict[str, Upstream]
+    requests: RequestRateLimiter
+    rate_share: float
+    last_known: LastKnown
+    cache: ResponseCache
+    chat_path: ChatPath
+    max_body_bytes: int
+    total_timeout: float
+
+    def request_limit(self, plan_limit: int) -> int:
+        return max(1, int(plan_limit * self.rate_share))
+
+    def status(self) -> dict:
+        return gateway_status(self.service, self.hops, self.cache)
+
+
+def _authenticator(settings: Settings, redis, client, tokens: InternalTokens, service: str):
+    snapshot = getattr(authn, "SnapshotAuthenticator", None)
+    if snapshot is not None:  # the identity kit's snapshot: keeps working while auth and Redis are down
+        return snapshot(redis=redis, client=client, tokens=tokens, service=service)
+    return authn.Authenticator(client, tokens, service)
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or Settings.from_env(service="gateway-fallback")
+    service_name = settings.service
 
     @asynccontextmanager
     async def lifespan(app: Litestar):
-        app.state.service = settings.service
-        yield
+        async with contextlib.AsyncExitStack() as stack:
+            vault = Vault(settings)
+            await vault.login()
+            tokens = await vault.internal_tokens()
+            redis = redis_client(settings)
+            stack.push_async_callback(redis.aclose)
+            short = settings.fallback_first_byte_timeout
+            # one try each, short waits: this gateway is already the second chance
+            hops = await build_hops(settings, stack, redis, {"chat", "models", "inference", "users", "auth"},
+                                    first_byte={name: short for name in ("chat", "models", "inference", "users",
+                                                                         "auth")}, attempts=1)
+            auth_client = upstream_client(settings, settings.auth_url, read_timeout=AUTH_TIMEOUT)
+            stack.push_async_callback(auth_client.aclose)
+            auth = _authenticator(settings, redis, auth_client, tokens, service_name)
+            if hasattr(auth, "start"):
+                await auth.start()
+                stack.push_async_callback(auth.stop)
+            cache = ResponseCache(redis, ttl=settings.cache_ttl, stale_ttl=settings.cache_stale_ttl,
+                                  local_entries=settings.cache_local_entries)
+            stack.push_async_callback(cache.drain)
+            chat_path = ChatPath(service=service_name, tokens=tokens, chat=hops["chat"],
+                                 chain=build_chain(settings, hops, tokens, cache, service_name), cache=cache,
+                                 budget=TokenBudget(redis, replicas=settings.gateway_replicas),
+                                 initial_hold=settings.initial_token_hold, total_timeout=settings.total_timeout)
+            app.state.deps = FallbackDeps(
+                service=service_name, tokens=tokens, auth=auth, hops=hops,
+                upstreams={name: Upstream(audience=name, hop=hops[name]) for name in ("models", "users")},
+                requests=RequestRateLimiter(redis, "fallback-key", replicas=settings.gateway_replicas),
+                rate_share=settings.fallback_rate_share, last_known=LastKnown(redis), cache=cache,
+                chat_path=chat_path, max_body_bytes=settings.max_body_bytes, total_timeout=settings.total_timeout,
+            )
+            yield
 
     return create_service_app(settings, route_handlers=route_handlers, lifespan=lifespan)

@@ -1,7 +1,8 @@
-"""A domain gateway (DOMAIN=identity or ai): authentication, then the domain's services."""
+"""A domain gateway (DOMAIN=identity or ai): authentication, limits, cache, resilient upstream calls."""
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -11,10 +12,18 @@ from litestar import Litestar
 from common.app import create_service_app
 from common.authn import Authenticator
 from common.http import upstream_client
+from common.limits import RequestRateLimiter, TokenBudget
+from common.proxy import Hop
 from common.security import InternalTokens
 from common.settings import Settings
 from common.vault import Vault
-from gateway_primary.routes import ROUTES, Upstream, route_handlers
+from fallback.cache import LastKnown, ResponseCache
+from fallback.chatpath import ChatPath
+from fallback.forward import Upstream
+from fallback.wiring import build_chain, build_hops, gateway_status, redis_client
+from gateway_primary.routes import ROUTES, route_handlers
+
+AUTH_TIMEOUT = 2.0  # an introspection that takes longer is a failure, not a wait
 
 
 @dataclass
@@ -23,8 +32,17 @@ class GatewayDeps:
     domain: str
     tokens: InternalTokens
     auth: Authenticator
+    hops: dict[str, Hop]
     upstreams: dict[str, Upstream]
+    requests: RequestRateLimiter
+    last_known: LastKnown
+    cache: ResponseCache
+    chat_path: ChatPath | None
     max_body_bytes: int
+    total_timeout: float
+
+    def status(self) -> dict:
+        return gateway_status(self.service, self.hops, self.cache)
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
@@ -37,23 +55,36 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     @asynccontextmanager
     async def lifespan(app: Litestar):
-        vault = Vault(settings)
-        await vault.login()
-        tokens = await vault.internal_tokens()
-        urls = {"chat": settings.chat_url, "models": settings.models_url, "auth": settings.auth_url,
-                "users": settings.users_url}
-        needed = {service for _, service in ROUTES[settings.domain]} | {"auth"}
-        clients = {name: upstream_client(settings, urls[name]) for name in needed}
-        app.state.deps = GatewayDeps(
-            service=service_name, domain=settings.domain, tokens=tokens,
-            auth=Authenticator(clients["auth"], tokens, service_name),
-            upstreams={name: Upstream(audience=name, client=client) for name, client in clients.items()},
-            max_body_bytes=settings.max_body_bytes,
-        )
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            vault = Vault(settings)
+            await vault.login()
+            tokens = await vault.internal_tokens()
+            redis = redis_client(settings)
+            stack.push_async_callback(redis.aclose)
+            routed = {service for _, service in ROUTES[settings.domain]}
+            chain_needs = {"chat", "models", "inference"} if settings.domain == "ai" else set()
+            hops = await build_hops(settings, stack, redis, routed | chain_needs,
+                                    first_byte={"inference": settings.fallback_first_byte_timeout,
+                                                "models": AUTH_TIMEOUT} if chain_needs else None)
+            auth_client = upstream_client(settings, settings.auth_url, read_timeout=AUTH_TIMEOUT)
+            stack.push_async_callback(auth_client.aclose)
+            cache = ResponseCache(redis, ttl=settings.cache_ttl, stale_ttl=settings.cache_stale_ttl,
+                                  local_entries=settings.cache_local_entries)
+            stack.push_async_callback(cache.drain)
+            chat_path = None
+            if settings.domain == "ai":
+                chat_path = ChatPath(service=service_name, tokens=tokens, chat=hops["chat"],
+                                     chain=build_chain(settings, hops, tokens, cache, service_name), cache=cache,
+                                     budget=TokenBudget(redis, replicas=settings.gateway_replicas),
+                                     initial_hold=settings.initial_token_hold, total_timeout=settings.total_timeout)
+            app.state.deps = GatewayDeps(
+                service=service_name, domain=settings.domain, tokens=tokens,
+                auth=Authenticator(auth_client, tokens, service_name), hops=hops,
+                upstreams={name: Upstream(audience=name, hop=hops[name]) for name in routed},
+                requests=RequestRateLimiter(redis, "key", replicas=settings.gateway_replicas),
+                last_known=LastKnown(redis), cache=cache, chat_path=chat_path,
+                max_body_bytes=settings.max_body_bytes, total_timeout=settings.total_timeout,
+            )
             yield
-        finally:
-            for client in clients.values():
-                await client.aclose()
 
     return create_service_app(settings, route_handlers=route_handlers, lifespan=lifespan)

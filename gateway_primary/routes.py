@@ -1,35 +1,21 @@
-"""The gateway's only route: authenticate, then forward to the domain's service, streaming."""
+"""The gateway's routes: authenticate, limit, then the chat path or a resilient forward to the domain's service."""
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
-
-import httpx
-from litestar import HttpMethod, Request, Response, route
+from litestar import HttpMethod, Request, Response, get, route
 from litestar.datastructures import State
 from litestar.response import Stream
 
 from common.errors import ApiError, not_found
-from common.http import forward_headers
-from common.proxy import open_upstream, relay_response, request_body_too_large
-from common.security import INTERNAL_TOKEN_HEADER
-from fallback import degraded_response
-
-log = logging.getLogger(__name__)
+from common.proxy import request_body_too_large
+from fallback.forward import admit, forward_to
 
 # which service answers which path prefix, per domain
 ROUTES: dict[str, tuple[tuple[str, str], ...]] = {
     "ai": (("/v1/chat/completions", "chat"), ("/v1/conversations", "chat"), ("/v1/models", "models")),
     "identity": (("/v1/keys", "auth"), ("/v1/auth", "auth"), ("/v1/users", "users"), ("/v1/usage", "users")),
 }
-_DROP_REQUEST_HEADERS = frozenset({"authorization", "cookie", INTERNAL_TOKEN_HEADER})
-
-
-@dataclass(frozen=True)
-class Upstream:
-    audience: str
-    client: httpx.AsyncClient
+CHAT_COMPLETIONS = "/v1/chat/completions"
 
 
 def match(domain: str, path: str) -> str | None:
@@ -43,22 +29,24 @@ def match(domain: str, path: str) -> str | None:
                                        HttpMethod.DELETE])
 async def forward(request: Request, state: State) -> Response | Stream:
     deps = state.deps
-    service = match(deps.domain, request.url.path)
+    path = request.url.path
+    service = match(deps.domain, path)
     if service is None:
-        raise not_found(f"No route for {request.method} {request.url.path}.", code="unknown_route")
+        raise not_found(f"No route for {request.method} {path}.", code="unknown_route")
     identity = await deps.auth.authenticate(request)
+    headers = await admit(deps.requests, deps.service, identity, identity.plan.requests_per_min)
     if request_body_too_large(request, deps.max_body_bytes):
         raise ApiError(413, "Request body too large.", code="request_too_large")
-    body = await request.body()
-    upstream = deps.upstreams[service]
-    headers = forward_headers(request.headers, _DROP_REQUEST_HEADERS)
-    headers.update(deps.tokens.headers(upstream.audience, identity.principal))
-    try:
-        response = await open_upstream(upstream.client, request, request.url.path, body=body, headers=headers)
-    except httpx.HTTPError as exc:
-        log.warning("upstream failed before first byte", extra={"upstream": service, "error": repr(exc)})
-        return degraded_response(deps.service, f"{service} unreachable")
-    return relay_response(response)
+    if service == "chat" and path == CHAT_COMPLETIONS and request.method == "POST":
+        return await deps.chat_path.handle(request, identity, headers)
+    return await forward_to(deps.service, deps.upstreams[service], deps.tokens, deps.last_known, request, identity,
+                            headers, deps.total_timeout)
 
 
-route_handlers = [forward]
+@get("/internal/status", include_in_schema=False, sync_to_thread=False)
+def internal_status(state: State) -> dict:
+    """What the router's /status shows of this gateway: breakers, cache, fallbacks."""
+    return state.deps.status()
+
+
+route_handlers = [forward, internal_status]

@@ -14,6 +14,7 @@ BASE_PORTS: dict[str, int] = {
     "router": 8100,
     "gateway-identity": 8201,
     "gateway-ai": 8202,
+    "gateway-ai-2": 8212,  # a second AI gateway replica: limits must hold across replicas
     "gateway-fallback": 8209,
     "auth": 8301,
     "users": 8302,
@@ -27,9 +28,11 @@ BASE_PORTS: dict[str, int] = {
 }
 INFRA = ("postgres", "redis", "kafka", "vault")
 SERVICES = ("auth", "users", "models", "inference", "chat")
-GATEWAYS = ("gateway-identity", "gateway-ai", "gateway-fallback", "router")
+GATEWAYS = ("gateway-identity", "gateway-ai", "gateway-ai-2", "gateway-fallback", "router")
 EDGE = ("nginx",)
 DATABASES = {"auth": "auth", "users": "users", "chat": "chat", "models": "models"}
+# extra replicas of a deployment: same code, role and settings as the one named, their own port
+REPLICA_OF = {"gateway-ai-2": "gateway-ai"}
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.settings import REPO_ROOT
-from stack.config import DATABASES, StackConfig
+from stack.config import DATABASES, REPLICA_OF, StackConfig
 from stack.credentials import Credentials
 
 APP_FACTORIES = {
@@ -24,6 +24,7 @@ APP_FACTORIES = {
     "chat": "services.chat.app:create_app",
     "gateway-identity": "gateway_primary.app:create_app",
     "gateway-ai": "gateway_primary.app:create_app",
+    "gateway-ai-2": "gateway_primary.app:create_app",
     "gateway-fallback": "gateway_fallback.app:create_app",
     "router": "router.app:create_app",
 }
@@ -132,6 +133,15 @@ def _service_env(config: StackConfig, creds: Credentials, name: str) -> dict[str
         env["DUALGATE_DOMAIN"] = name.removeprefix("gateway-")
     if name == "auth":
         env["DUALGATE_BOOTSTRAP_ADMIN_KEY"] = creds.admin_key
+    # the AI gateway pool: two replicas sharing one role, limits exact across both
+    env["DUALGATE_GATEWAY_AI_URLS"] = ",".join(config.url(n) for n in ("gateway-ai", *REPLICA_OF))
+    if name in ("gateway-ai", *REPLICA_OF):
+        env["DUALGATE_GATEWAY_REPLICAS"] = "2"
+    if name in REPLICA_OF:
+        replica_of = REPLICA_OF[name]
+        env["DUALGATE_DOMAIN"] = replica_of.removeprefix("gateway-")
+        env["DUALGATE_VAULT_ROLE_ID"] = creds.approles[replica_of].role_id
+        env["DUALGATE_VAULT_SECRET_ID"] = creds.approles[replica_of].secret_id
     return env
 
 

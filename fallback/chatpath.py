@@ -1,0 +1,236 @@
+"""The chat-completion path both gateways run: plan checks, cache, token budget, the upstream call,
+the fallback chain, and a relay that reads only what it must.
+
+    cache hit            -> replayed (`x-cache: hit`), same event groups, no tokens charged
+    reserve tokens       -> 429 when today's budget cannot hold the request's maximum cost
+    chat service         -> relayed as it arrives; usage read from the final chunk; settled after
+    failure before byte  -> the fallback chain, flagged `x-dualgate-degraded: <layer>`; else a degraded 503
+    failure after byte   -> a terminal error event, then [DONE]: never a silent cut
+    budget crossed       -> the stream is stopped with a terminal error event
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import httpx
+import msgspec
+from litestar import Request, Response
+from litestar.response import Stream
+
+from common.authn import Identity
+from common.errors import ApiError, decode_body
+from common.limits import Reservation, TokenBudget, rate_headers, retry_after
+from common.metrics import CACHE_HITS, CACHE_MISSES, FALLBACKS, RATE_LIMITED
+from common.openai_schema import ChatCompletionRequest, Usage
+from common.proxy import Hop, UpstreamUnavailable, response_headers
+from common.sse import SSE_HEADERS, StreamTap, error_event
+from fallback.cache import CacheEntry, ResponseCache, cache_key
+from fallback.chain import ChainRequest, FallbackChain, FromCache, upstream_body
+from fallback.degraded import DEGRADED_HEADER, degraded_response
+
+log = logging.getLogger(__name__)
+
+SSE = "text/event-stream"
+JSON = "application/json"
+_encoder = msgspec.json.Encoder()
+_PASS_HEADERS = ("idempotency-key",)
+
+
+class _UsageOnly(msgspec.Struct):
+    usage: Usage | None = None
+
+
+_usage_decoder = msgspec.json.Decoder(_UsageOnly)
+
+
+def estimate_prompt_tokens(body: ChatCompletionRequest) -> int:
+    """An upper-leaning guess (4 characters a token, plus framing) until the real usage settles it."""
+    return sum(len(m.text()) // 4 + 4 for m in body.messages) + 2
+
+
+def check_plan(body: ChatCompletionRequest, identity: Identity) -> None:
+    plan = identity.plan
+    if plan.allowed_models and body.model not in plan.allowed_models:
+        raise ApiError(404, f"The model '{body.model}' does not exist or you do not have access to it.",
+                       param="model", code="model_not_found")
+    limit = body.token_limit()
+    if limit is not None and limit > plan.max_tokens:
+        raise ApiError(400, f"max_tokens may be at most {plan.max_tokens} on your plan.", param="max_tokens",
+                       code="invalid_value")
+
+
+@dataclass
+class ChatPath:
+    service: str
+    tokens: object  # InternalTokens: mints the chat service's token
+    chat: Hop
+    chain: FallbackChain
+    cache: ResponseCache
+    budget: TokenBudget
+    initial_hold: int = 256
+    total_timeout: float = 300.0
+    _background: set[asyncio.Task] = field(default_factory=set)
+
+    async def handle(self, request: Request, identity: Identity, headers: dict[str, str]) -> Response | Stream:
+        body: ChatCompletionRequest = decode_body(await request.body(), ChatCompletionRequest)
+        check_plan(body, identity)
+        tenant = identity.principal.subject
+        key = cache_key(tenant, body)
+        include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+        if key is not None:
+            entry = await self.cache.get(key)
+            if entry is not None and entry.stream == body.stream:
+                self.cache.hits += 1
+                CACHE_HITS.labels(self.service).inc()
+                return replay(entry, {**headers, "x-cache": "hit"})
+            self.cache.misses += 1
+            CACHE_MISSES.labels(self.service).inc()
+        headers["x-cache"] = "miss"
+
+        prompt = estimate_prompt_tokens(body)
+        decision = await self.budget.reserve(tenant, prompt + (body.token_limit() or self.initial_hold),
+                                             identity.plan.tokens_per_day)
+        headers.update(rate_headers(tokens=decision))
+        if not decision.allowed:
+            RATE_LIMITED.labels(self.service, "tokens").inc()
+            raise ApiError(429, "Today's token budget cannot hold this request; lower max_tokens or retry after "
+                           "the reset.", type="tokens", code="rate_limit_exceeded",
+                           headers={**headers, "Retry-After": retry_after(decision.retry_after)})
+        reservation = decision.reservation
+        passed = {name: request.headers[name] for name in _PASS_HEADERS if name in request.headers}
+        upstream_headers = {**passed, **self.tokens.headers("chat", identity.principal), "content-type": JSON}
+        try:
+            response = await self.chat.open("POST", "/v1/chat/completions",
+                                            content=_encoder.encode(upstream_body(body)), headers=upstream_headers,
+                                            retry_ok="idempotency-key" in passed)
+        except UpstreamUnavailable as failure:
+            return await self._fall_back(body, identity, key, failure.reason, passed, reservation, prompt,
+                                         include_usage, headers)
+        if response.status_code != 200:  # the caller's mistake or a 429: passed on as it is
+            content = await read_body(response, self.total_timeout)
+            await self._settle(reservation, 0)
+            return Response(content, status_code=response.status_code,
+                            headers=response_headers(response, headers), media_type=JSON)
+        return await self._render(response, body, key, reservation, prompt, include_usage, headers)
+
+    async def _fall_back(self, body: ChatCompletionRequest, identity: Identity, key: str | None, reason: str,
+                         passed: dict[str, str], reservation: Reservation | None, prompt: int, include_usage: bool,
+                         headers: dict[str, str]) -> Response | Stream:
+        log.warning("chat failed before the first byte; fallback chain", extra={"reason": reason})
+        answer = await self.chain.answer(ChainRequest(identity=identity, body=body, cache_key=key, reason=reason,
+                                                      extra_headers=passed))
+        if answer is None:
+            await self._settle(reservation, 0)
+            return degraded_response(self.service, reason, headers)
+        FALLBACKS.labels(self.service, answer.layer).inc()
+        headers[DEGRADED_HEADER] = answer.layer
+        if isinstance(answer, FromCache):
+            await self._settle(reservation, 0)
+            return replay(answer.entry, headers)
+        return await self._render(answer.response, body, None, reservation, prompt, include_usage, headers)
+
+    async def _render(self, response: httpx.Response, body: ChatCompletionRequest, key: str | None,
+                      reservation: Reservation | None, prompt: int, include_usage: bool,
+                      headers: dict[str, str]) -> Response | Stream:
+        if response.headers.get("content-type", "").startswith(SSE):
+            return Stream(self._relay(response, key, reservation, prompt, include_usage), status_code=200,
+                          media_type=SSE, headers={**SSE_HEADERS, **response_headers(response, headers)})
+        try:
+            content = await read_body(response, self.total_timeout)
+        except ApiError:
+            await self._settle(reservation, 0)
+            raise
+        try:
+            usage = _usage_decoder.decode(content).usage
+        except msgspec.MsgspecError:
+            usage = None
+        await self._settle(reservation, usage.total_tokens if usage else prompt)
+        if key is not None and usage is not None:
+            self.cache.put(key, CacheEntry(stored_at=time.time(), stream=False, content_type=JSON, parts=[content]))
+        return Response(content, status_code=200, headers=response_headers(response, headers), media_type=JSON)
+
+    async def _relay(self, response: httpx.Response, key: str | None, reservation: Reservation | None,
+                     prompt: int, include_usage: bool) -> AsyncIterator[bytes]:
+        tap = StreamTap(drop_usage=not include_usage)
+        parts: list[bytes] | None = [] if key is not None else None
+        deadline = time.monotonic() + self.total_timeout
+        counted = 0
+        failure: bytes | None = None
+        try:
+            try:
+                async for chunk in response.aiter_raw():
+                    out = tap.feed(chunk)
+                    if not out:
+                        continue
+                    if reservation is not None and tap.tokens != counted:
+                        counted = tap.tokens
+                        if not await self.budget.consume(reservation, prompt + counted):
+                            failure = error_event("Today's token budget is spent; the answer was stopped.",
+                                                  type="tokens", code="rate_limit_exceeded")
+                            break
+                    if parts is not None:
+                        parts.append(out)
+                    yield out
+                    if tap.done:
+                        break
+                    if time.monotonic() > deadline:
+                        failure = error_event("The answer took longer than the gateway allows.",
+                                              code="upstream_timeout")
+                        break
+                else:
+                    if not tap.done:
+                        failure = error_event("The model stream was cut before it finished.",
+                                              code="stream_interrupted")
+            except httpx.HTTPError:
+                failure = error_event("The model stream was cut before it finished.", code="stream_interrupted")
+            if failure is not None:
+                yield failure
+        finally:
+            await response.aclose()
+            used = tap.usage.total_tokens if tap.usage is not None else prompt + tap.tokens
+            self._after(reservation, used, key if (failure is None and tap.complete) else None, parts)
+
+    def _after(self, reservation: Reservation | None, used: int, key: str | None, parts: list[bytes] | None) -> None:
+        """Settle and store off the answer's path (also when the caller went away)."""
+        if key is not None and parts:
+            self.cache.put(key, CacheEntry(stored_at=time.time(), stream=True, content_type=SSE, parts=parts))
+        if reservation is not None:
+            task = asyncio.ensure_future(self._settle(reservation, used))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _settle(self, reservation: Reservation | None, used: int) -> None:
+        if reservation is not None:
+            try:
+                await self.budget.settle(reservation, used)
+            except Exception:  # never let bookkeeping break an answer
+                log.exception("settling tokens failed")
+
+
+async def read_body(response: httpx.Response, timeout: float) -> bytes:
+    try:
+        async with asyncio.timeout(timeout):
+            return await response.aread()
+    except (TimeoutError, httpx.HTTPError):
+        raise ApiError(502, "The upstream answer was cut before it finished.", type="server_error",
+                       code="stream_interrupted") from None
+    finally:
+        await response.aclose()
+
+
+def replay(entry: CacheEntry, headers: dict[str, str]) -> Response | Stream:
+    """A cached answer as it was first sent: a stream replays its event groups one by one."""
+    if entry.stream:
+        return Stream(list(entry.parts), status_code=200, media_type=SSE, headers={**SSE_HEADERS, **headers})
+    return Response(entry.parts[0], status_code=200, media_type=JSON, headers=headers)
+
+
+def deny_requests(decision, headers: dict[str, str]) -> ApiError:
+    return ApiError(429, f"Rate limit reached: {decision.limit} requests per minute.", type="requests",
+                    code="rate_limit_exceeded", headers={**headers, "Retry-After": retry_after(decision.retry_after)})
+

@@ -1,0 +1,86 @@
+"""What both gateways do around every call: admit by requests/min, and forward with the last good
+copy of a per-tenant read kept for when its service cannot answer."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from litestar import Request, Response
+from litestar.response import Stream
+
+from common.authn import Identity
+from common.http import forward_headers
+from common.limits import RequestRateLimiter, rate_headers
+from common.metrics import FALLBACKS, RATE_LIMITED
+from common.proxy import Hop, UpstreamUnavailable, may_retry, relay_response, response_headers
+from common.security import INTERNAL_TOKEN_HEADER, InternalTokens
+from fallback.cache import LastKnown
+from fallback.chatpath import deny_requests, read_body
+from fallback.degraded import DEGRADED_HEADER, degraded_response
+
+log = logging.getLogger(__name__)
+
+# GET paths whose last good answer is kept per tenant (the identity fallback's read-only answers)
+LAST_KNOWN_PATHS = frozenset({"/v1/users/me", "/v1/usage", "/v1/models"})
+DROP_REQUEST_HEADERS = frozenset({"authorization", "cookie", INTERNAL_TOKEN_HEADER})
+
+
+@dataclass(frozen=True)
+class Upstream:
+    audience: str
+    hop: Hop
+
+
+async def admit(limiter: RequestRateLimiter, service: str, identity: Identity, limit: int) -> dict[str, str]:
+    """Requests per minute per key: the rate headers to send, or a 429 with Retry-After."""
+    principal = identity.principal
+    decision = await limiter.hit(principal.key_id or principal.subject, limit)
+    headers = rate_headers(requests=decision)
+    if not decision.allowed:
+        RATE_LIMITED.labels(service, "requests").inc()
+        raise deny_requests(decision, headers)
+    return headers
+
+
+def read_key(path: str, query: str) -> str:
+    return f"{path}?{query}" if query else path
+
+
+async def recalled(last_known: LastKnown, service: str, tenant: str, key: str,
+                   headers: dict[str, str]) -> Response | None:
+    """The last good answer, flagged as coming from the cache; None when there is none."""
+    content = await last_known.recall(tenant, key)
+    if content is None:
+        return None
+    FALLBACKS.labels(service, "cache").inc()
+    return Response(content, status_code=200, media_type="application/json",
+                    headers={**headers, DEGRADED_HEADER: "cache"})
+
+
+async def forward_to(service: str, upstream: Upstream, tokens: InternalTokens, last_known: LastKnown,
+                     request: Request, identity: Identity, headers: dict[str, str],
+                     total_timeout: float) -> Response | Stream:
+    """Forward with the caller's identity in an internal token; before the first byte, a failure
+    answers from the last good copy (remembered reads) or as a flagged 503."""
+    method, path, query = request.method, request.url.path, request.url.query
+    remembered = method == "GET" and path in LAST_KNOWN_PATHS
+    tenant = identity.principal.subject
+    upstream_headers = forward_headers(request.headers, DROP_REQUEST_HEADERS)
+    upstream_headers.update(tokens.headers(upstream.audience, identity.principal))
+    try:
+        response = await upstream.hop.open(method, path, content=await request.body(), headers=upstream_headers,
+                                           params=query or None, retry_ok=may_retry(method, request.headers))
+    except UpstreamUnavailable as failure:
+        log.warning("upstream failed before first byte", extra={"upstream": failure.upstream,
+                                                                "reason": failure.reason})
+        if remembered and (answer := await recalled(last_known, service, tenant, read_key(path, query),
+                                                    headers)) is not None:
+            return answer
+        return degraded_response(service, f"{failure.upstream} unavailable", headers)
+    if remembered and response.status_code == 200:
+        content = await read_body(response, total_timeout)
+        last_known.remember(tenant, read_key(path, query), content)
+        return Response(content, status_code=200, headers=response_headers(response, headers),
+                        media_type=response.headers.get("content-type"))
+    return relay_response(response, headers)

@@ -1,0 +1,66 @@
+"""How a gateway assembles its upstream hops, the fallback chain and its status (both gateways)."""
+
+from __future__ import annotations
+
+import contextlib
+
+from redis.asyncio import Redis
+
+from common.breaker import AsyncBreaker
+from common.http import upstream_client
+from common.metrics import FALLBACKS
+from common.proxy import Hop, RetryBudget
+from common.security import InternalTokens
+from common.settings import Settings
+from fallback.cache import ResponseCache
+from fallback.chain import CachedAnswer, FallbackChain, ModelFallback, SimplifiedModel
+
+
+def redis_client(settings: Settings) -> Redis:
+    return Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=0.5)
+
+
+def service_urls(settings: Settings) -> dict[str, str]:
+    return {"chat": settings.chat_url, "models": settings.models_url, "auth": settings.auth_url,
+            "users": settings.users_url, "inference": settings.inference_url}
+
+
+async def build_hops(settings: Settings, stack: contextlib.AsyncExitStack, redis: Redis, names: set[str], *,
+                     first_byte: dict[str, float] | None = None, attempts: int | None = None) -> dict[str, Hop]:
+    """One hop per upstream: a long-lived client, a breaker shared through Redis (started here and
+    stopped with `stack`), timeouts, and retries drawing on one retry budget."""
+    urls = service_urls(settings)
+    first_byte = first_byte or {}
+    budget = RetryBudget(ratio=settings.retry_budget_ratio)
+    hops = {}
+    for name in sorted(names):
+        client = upstream_client(settings, urls[name])
+        stack.push_async_callback(client.aclose)
+        breaker = AsyncBreaker(name, redis, fail_max=settings.breaker_fail_max,
+                               reset_timeout=settings.breaker_reset_timeout)
+        await breaker.start()
+        stack.push_async_callback(breaker.stop)
+        hops[name] = Hop(name=name, client=client, breaker=breaker,
+                         first_byte_timeout=first_byte.get(name, settings.first_byte_timeout),
+                         total_timeout=settings.total_timeout,
+                         attempts=attempts if attempts is not None else settings.retry_attempts, budget=budget)
+    return hops
+
+
+def build_chain(settings: Settings, hops: dict[str, Hop], tokens: InternalTokens, cache: ResponseCache,
+                service: str) -> FallbackChain:
+    return FallbackChain([
+        ModelFallback(hops["chat"], hops["models"], tokens, service),
+        CachedAnswer(cache),
+        SimplifiedModel(hops["inference"], tokens, settings.simplified_model, settings.simplified_max_tokens),
+    ])
+
+
+def gateway_status(service: str, hops: dict[str, Hop], cache: ResponseCache) -> dict:
+    fallbacks: dict[str, int] = {}
+    for metric in FALLBACKS.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total") and sample.labels.get("service") == service:
+                fallbacks[sample.labels["layer"]] = int(sample.value)
+    return {"service": service, "breakers": {name: hop.breaker.state for name, hop in hops.items()},
+            "cache": {"hits": cache.hits, "misses": cache.misses}, "fallbacks": fallbacks}
