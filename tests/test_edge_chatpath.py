@@ -1,0 +1,402 @@
+"""The gateways' chat path as a client sees it: limits, cache, breaker, fallback chain, cut streams.
+
+The chat path runs in process against scripted HTTP upstreams (httpx MockTransport stands in for
+the chat and inference services) and a real Valkey; clients are the openai SDK and httpx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+
+import httpx
+import msgspec
+import openai
+import pytest
+from litestar import Litestar, Request, post
+from litestar.datastructures import State
+from redis.asyncio import Redis
+
+from common.authn import Identity
+from common.breaker import AsyncBreaker
+from common.contracts import PlanLimits
+from common.errors import EXCEPTION_HANDLERS
+from common.limits import TokenBudget
+from common.proxy import Hop, RetryBudget, UpstreamUnavailable
+from common.security import InternalTokens, Principal
+from common.sse import StreamTap
+from edge_support import eventually, sse_body, valkey_server
+from fallback.cache import CacheEntry, ResponseCache
+from fallback.chain import CachedAnswer, FallbackChain, SimplifiedModel
+from fallback.chatpath import ChatPath
+
+MODEL = "synthetic"
+
+
+@pytest.fixture(scope="module")
+def valkey_port():
+    with valkey_server() as port:
+        yield port
+
+
+def chunk(cid: str, **fields) -> bytes:
+    payload = {"id": cid, "object": "chat.completion.chunk", "created": 1, "model": MODEL, **fields}
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+class ScriptedModel:
+    """An OpenAI-compatible upstream: answers each request with words derived from its prompt,
+    a fresh completion id per generation, or with the scripted failure queued next."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.calls = 0
+        self.bodies: list[dict] = []
+        self.script: list[object] = []  # a status code, an exception, or "cut" (cut after two events)
+        self.client = httpx.AsyncClient(transport=httpx.MockTransport(self._handle), base_url=f"http://{name}")
+
+    async def _handle(self, request: httpx.Request) -> httpx.Response:
+        self.calls += 1
+        body = json.loads(request.content)
+        self.bodies.append(body)
+        outcome = self.script.pop(0) if self.script else 200
+        if isinstance(outcome, Exception):
+            raise outcome
+        if isinstance(outcome, int) and outcome != 200:
+            return httpx.Response(outcome, json={"error": {"message": f"scripted {outcome}", "type": "x"}})
+        cid = f"chatcmpl-{self.name}-{self.calls}"
+        words = [w for m in body["messages"] for w in m["content"].split()][:body.get("max_tokens") or 64]
+        usage = {"prompt_tokens": 5, "completion_tokens": len(words), "total_tokens": 5 + len(words)}
+        if not body.get("stream"):
+            return httpx.Response(200, json={
+                "id": cid, "object": "chat.completion", "created": 1, "model": body["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": " ".join(words)},
+                             "finish_reason": "stop"}], "usage": usage})
+        events = [chunk(cid, choices=[{"index": 0, "delta": {"role": "assistant", "content": ""}}])]
+        events += [chunk(cid, choices=[{"index": 0, "delta": {"content": w}}]) for w in words]
+        events.append(chunk(cid, choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}]))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            events.append(chunk(cid, choices=[], usage=usage))
+        events.append(b"data: [DONE]\n\n")
+        return httpx.Response(200, headers={"content-type": "text/event-stream"},
+                              content=sse_body(events, cut_after=2 if outcome == "cut" else None))
+
+
+class Gateway:
+    """The chat path behind a tiny app; the bearer key names the user."""
+
+    def __init__(self, redis: Redis, *, tokens_per_day: int = 1_000_000, chain: bool = True,
+                 first_byte: float = 0.5) -> None:
+        self.chat = ScriptedModel("chat")
+        self.inference = ScriptedModel("inference")
+        self.redis = redis
+        self.plan = PlanLimits(tokens_per_day=tokens_per_day)
+        tokens = InternalTokens(issuer_service="test", keys={"v1": b"k" * 32}, current="v1")
+        suffix = uuid.uuid4().hex[:8]
+        self.breaker = AsyncBreaker(f"chat-{suffix}", None, fail_max=3, reset_timeout=0.3)
+        chat = Hop("chat", self.chat.client, self.breaker, first_byte_timeout=first_byte, total_timeout=5.0,
+                   attempts=1)
+        inference = Hop("inference", self.inference.client, AsyncBreaker(f"inference-{suffix}", None),
+                        first_byte_timeout=first_byte, total_timeout=5.0, attempts=1)
+        self.cache = ResponseCache(redis, ttl=60, stale_ttl=600)
+        layers = [CachedAnswer(self.cache), SimplifiedModel(inference, tokens, "smollm2-135m-instruct", 16)]
+        self.budget = TokenBudget(redis)
+        self.path = ChatPath(service="gateway-test", tokens=tokens, chat=chat,
+                             chain=FallbackChain(layers if chain else []), cache=self.cache, budget=self.budget,
+                             initial_hold=16)
+
+        @post("/v1/chat/completions")
+        async def completions(request: Request, state: State) -> object:
+            user = request.headers["authorization"].split()[-1]
+            identity = Identity(Principal(user, ("user",), key_id=f"key-{user}"), plan=self.plan)
+            return await self.path.handle(request, identity, {})
+
+        self.app = Litestar(route_handlers=[completions], exception_handlers=EXCEPTION_HANDLERS)
+
+    def http(self, user: str = "alice") -> httpx.AsyncClient:
+        return httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://gateway",
+                                 headers={"authorization": f"Bearer {user}"})
+
+    def sdk(self, user: str = "alice") -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url="http://gateway/v1", api_key=user, max_retries=0,
+                                  http_client=httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app)))
+
+
+@pytest.fixture
+async def redis(valkey_port) -> AsyncIterator[Redis]:
+    client = Redis(port=valkey_port, socket_timeout=1)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def gateway(redis) -> AsyncIterator[Gateway]:
+    gw = Gateway(redis)
+    yield gw
+    await gw.path.cache.drain()
+
+
+def ask(content: str, **extra) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 4, **extra}
+
+
+def events(raw: bytes) -> list[bytes]:
+    return [e for e in raw.split(b"\n\n") if e]
+
+
+async def stream(http: httpx.AsyncClient, body: dict) -> httpx.Response:
+    response = await http.post("/v1/chat/completions", json={**body, "stream": True})
+    await response.aread()
+    return response
+
+
+# ---- streams that break --------------------------------------------------------------------
+
+async def test_a_stream_cut_after_the_first_byte_ends_with_an_error_event_the_openai_sdk_raises_on(gateway):
+    gateway.chat.script.append("cut")
+    client = gateway.sdk()
+    received = []
+    with pytest.raises(openai.APIError) as raised:
+        async for part in await client.chat.completions.create(**ask("one two three four"), stream=True):
+            received.append(part)
+    assert "cut" in str(raised.value)
+    assert len(received) >= 1  # the answer had begun: no silent retry, no silent end
+    raw = (await stream(gateway.http(), ask("five six seven eight"))).content  # the next one is whole
+    assert raw.endswith(b"data: [DONE]\n\n") and b'"error"' not in raw
+
+
+async def test_a_stream_cut_ends_with_an_error_event_then_done_never_a_bare_end(gateway):
+    gateway.chat.script.append("cut")
+    response = await stream(gateway.http(), ask("one two three four"))
+    last = events(response.content)[-2:]
+    assert response.status_code == 200
+    assert json.loads(last[0][6:])["error"]["code"] == "stream_interrupted"
+    assert last[1] == b"data: [DONE]"
+
+
+async def test_failure_before_the_first_byte_is_answered_by_the_fallback_chain_and_flagged(gateway):
+    gateway.chat.script.append(503)
+    response = await stream(gateway.http(), ask("hello there", temperature=0.7))
+    assert response.status_code == 200
+    assert response.headers["x-dualgate-degraded"] == "simplified"
+    # the simplified model is asked by its own name: nothing pretends to be the model asked for
+    assert gateway.inference.bodies[-1]["model"] == "smollm2-135m-instruct"
+    assert gateway.inference.bodies[-1]["deployment"] == {"engine": "cpu"}
+    assert response.content.endswith(b"data: [DONE]\n\n")
+
+
+async def test_the_chain_prefers_this_tenants_cached_answer_and_ends_in_a_flagged_503(gateway):
+    http = gateway.http()
+    original = await http.post("/v1/chat/completions", json=ask("cache me", temperature=0))
+    assert original.headers["x-cache"] == "miss"
+    key = next(iter(gateway.cache._local._items))
+    stale = gateway.cache._local.get(key)
+    # older than its fresh life, still inside its stale life: only the chain may use it
+    gateway.cache._local.put(key, msgspec.structs.replace(stale, stored_at=stale.stored_at - 120), 1)
+    gateway.chat.script.append(503)
+    cached = await http.post("/v1/chat/completions", json=ask("cache me", temperature=0))
+    assert cached.status_code == 200 and cached.headers["x-dualgate-degraded"] == "cache"
+    assert cached.json()["id"] == original.json()["id"]
+
+    gateway.chat.script.append(503)
+    gateway.inference.script.append(httpx.ConnectError("inference down"))
+    last = await http.post("/v1/chat/completions", json=ask("never seen", temperature=0.7))
+    assert last.status_code == 503
+    assert last.headers["x-dualgate-degraded"] == "degraded" and int(last.headers["retry-after"]) >= 1
+    assert last.json()["error"]["type"] == "service_unavailable"
+
+
+# ---- token budget --------------------------------------------------------------------------
+
+async def test_usage_is_charged_for_a_stream_even_when_the_caller_did_not_ask_for_it(gateway, redis):
+    user = f"u-{uuid.uuid4().hex[:6]}"
+    response = await stream(gateway.http(user), ask("alpha beta gamma"))
+    assert b'"usage"' not in response.content  # the caller did not ask for the usage chunk
+    assert gateway.chat.bodies[-1]["stream_options"] == {"include_usage": True}  # the gateway did
+
+    async def charged() -> int:
+        keys = await redis.keys(f"dualgate:tok:{{{user}}}:*")
+        values = [int(await redis.hget(k, "used") or 0) for k in keys if not k.endswith(b":holds")]
+        return sum(values)
+
+    await eventually(lambda: gateway.path._background == set())
+    assert await charged() == 5 + 3  # the real usage from the final chunk
+
+
+async def test_a_request_the_daily_budget_cannot_hold_is_refused_with_429_and_rate_headers(redis):
+    gateway = Gateway(redis, tokens_per_day=30)
+    response = await gateway.http(f"u-{uuid.uuid4().hex[:6]}").post(
+        "/v1/chat/completions", json=ask("hi", max_tokens=100))
+    assert response.status_code == 429
+    assert response.json()["error"]["code"] == "rate_limit_exceeded"
+    assert response.headers["x-ratelimit-limit-tokens"] == "30"
+    assert int(response.headers["retry-after"]) >= 1
+    assert gateway.chat.calls == 0
+
+
+async def test_a_stream_that_would_cross_the_daily_budget_is_stopped_with_an_error_event(redis):
+    gateway = Gateway(redis, tokens_per_day=60)  # ~35 prompt + 16 held fit; the 30-word answer does not
+    words = " ".join(f"w{i}" for i in range(30))
+    response = await stream(gateway.http(f"u-{uuid.uuid4().hex[:6]}"), ask(words, max_tokens=None))
+    parts = events(response.content)
+    error = json.loads(parts[-2][6:])["error"]
+    assert error["code"] == "rate_limit_exceeded" and parts[-1] == b"data: [DONE]"
+    relayed = sum(1 for p in parts if b'"content":"w' in p)
+    assert 0 < relayed < 30  # stopped mid-way, not after the fact
+
+
+# ---- response cache ------------------------------------------------------------------------
+
+async def test_a_streamed_cache_hit_replays_the_same_chunks_usage_and_finish_reason(gateway):
+    body = ask("red green blue", temperature=0, stream_options={"include_usage": True})
+    first = await stream(gateway.http(), body)
+    second = await stream(gateway.http(), body)
+    assert first.headers["x-cache"] == "miss" and second.headers["x-cache"] == "hit"
+    assert events(second.content) == events(first.content)
+    assert gateway.chat.calls == 1
+    assert b'"finish_reason":"stop"' in second.content and b'"usage":{' in second.content
+    # the stored entry keeps the event groups as they were relayed, replayed one by one
+    entry: CacheEntry = next(iter(gateway.cache._local._items.values()))[0]
+    assert entry.stream and len(entry.parts) == len(events(first.content))
+
+
+async def test_user_b_never_receives_user_a_cached_answer(gateway):
+    body = ask("shared prompt", temperature=0)
+    a = await gateway.http("alice").post("/v1/chat/completions", json=body)
+    b = await gateway.http("bob").post("/v1/chat/completions", json=body)
+    assert b.headers["x-cache"] == "miss" and a.json()["id"] != b.json()["id"]
+    assert gateway.chat.calls == 2
+
+
+async def test_nondeterministic_requests_are_never_cached(gateway):
+    for _ in range(3):
+        response = await gateway.http().post("/v1/chat/completions", json=ask("roll the dice", temperature=0.9))
+        assert response.headers["x-cache"] == "miss"
+    seeded = [await gateway.http().post("/v1/chat/completions", json=ask("roll", temperature=0.9, seed=7))
+              for _ in range(2)]
+    assert [r.headers["x-cache"] for r in seeded] == ["miss", "hit"]  # a seed makes it deterministic
+    assert gateway.chat.calls == 4
+
+
+async def test_a_whole_answer_is_never_replayed_for_a_streamed_request(gateway):
+    body = ask("one answer", temperature=0)
+    whole = await gateway.http().post("/v1/chat/completions", json=body)
+    streamed = await stream(gateway.http(), body)
+    assert whole.headers["content-type"].startswith("application/json")
+    assert streamed.headers["x-cache"] == "miss"
+    assert streamed.headers["content-type"].startswith("text/event-stream")
+    assert events(streamed.content)[-1] == b"data: [DONE]"
+
+
+async def test_the_in_process_cache_stays_bounded(redis):
+    cache = ResponseCache(redis, ttl=60, stale_ttl=60, local_entries=10)
+    for i in range(100):
+        cache.put(f"k{i}", CacheEntry(stored_at=0, stream=False, content_type="x", parts=[b"x" * 100]))
+    await cache.drain()
+    assert len(cache._local) == 10
+
+
+# ---- breaker ------------------------------------------------------------------------------
+
+async def test_a_burst_of_caller_400s_does_not_open_the_chat_breaker(gateway):
+    gateway.chat.script.extend([400] * 20)
+    for _ in range(20):
+        response = await gateway.http().post("/v1/chat/completions", json=ask("bad"))
+        assert response.status_code == 400 and "x-dualgate-degraded" not in response.headers
+    assert gateway.breaker.state == "closed"
+
+
+async def test_5xx_and_timeouts_open_the_breaker_then_the_chain_answers_without_calling_chat(gateway):
+    gateway.chat.script.extend([502, httpx.ReadTimeout("slow"), 503])
+    for _ in range(3):
+        response = await gateway.http().post("/v1/chat/completions", json=ask("x y", temperature=0.5))
+        assert response.headers["x-dualgate-degraded"] == "simplified"
+    assert gateway.breaker.state == "open"
+    calls = gateway.chat.calls
+    response = await gateway.http().post("/v1/chat/completions", json=ask("x y", temperature=0.5))
+    assert response.headers["x-dualgate-degraded"] == "simplified" and gateway.chat.calls == calls
+
+
+async def test_half_open_recovery_closes_the_breaker_when_chat_answers_again(gateway):
+    gateway.chat.script.extend([500, 500, 500])
+    for _ in range(3):
+        await gateway.http().post("/v1/chat/completions", json=ask("x", temperature=0.5))
+    assert gateway.breaker.state == "open"
+    await asyncio.sleep(0.35)  # the breaker's reset timeout: what a client honouring Retry-After waits
+    response = await gateway.http().post("/v1/chat/completions", json=ask("x", temperature=0.5))
+    assert response.status_code == 200 and "x-dualgate-degraded" not in response.headers
+    assert gateway.breaker.state == "closed"
+
+
+async def test_a_hung_chat_service_costs_one_first_byte_timeout_then_the_chain_answers(redis):
+    gateway = Gateway(redis, first_byte=0.2)
+
+    async def hang(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(30)
+        raise AssertionError("unreachable")
+
+    gateway.chat.client._transport = httpx.MockTransport(hang)
+    started = asyncio.get_running_loop().time()
+    response = await gateway.http().post("/v1/chat/completions", json=ask("x", temperature=0.5))
+    assert response.headers["x-dualgate-degraded"] == "simplified"
+    assert asyncio.get_running_loop().time() - started < 2.0
+
+
+# ---- hops: retries -------------------------------------------------------------------------
+
+def scripted_hop(*outcomes, attempts: int = 3, budget: RetryBudget | None = None) -> tuple[Hop, list[str]]:
+    seen: list[str] = []
+    queue = list(outcomes)
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request.method)
+        outcome = queue.pop(0) if queue else 200
+        if isinstance(outcome, Exception):
+            raise outcome
+        return httpx.Response(outcome)
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handle), base_url="http://up")
+    hop = Hop("up", client, AsyncBreaker(f"up-{uuid.uuid4().hex[:6]}", None, fail_max=50), first_byte_timeout=1.0,
+              total_timeout=5.0, attempts=attempts, budget=budget or RetryBudget())
+    return hop, seen
+
+
+async def test_safe_and_idempotency_keyed_requests_are_retried_before_the_first_byte():
+    hop, seen = scripted_hop(503, 502)
+    assert (await hop.open("GET", "/v1/models", retry_ok=True)).status_code == 200
+    assert seen == ["GET"] * 3
+
+
+async def test_an_unkeyed_post_is_not_retried_after_it_may_have_reached_the_upstream():
+    hop, seen = scripted_hop(503, httpx.ReadTimeout("slow"))
+    with pytest.raises(UpstreamUnavailable):
+        await hop.open("POST", "/v1/chat/completions", content=b"{}")
+    assert seen == ["POST"]
+    # a refused connection never reached it: that one is safe to repeat
+    hop, seen = scripted_hop(httpx.ConnectError("refused"))
+    assert (await hop.open("POST", "/v1/chat/completions", content=b"{}")).status_code == 200
+    assert seen == ["POST", "POST"]
+
+
+async def test_retries_stop_when_the_retry_budget_is_spent():
+    budget = RetryBudget(ratio=0.0, per_second=0.0)
+    budget._balance = 1.0
+    hop, seen = scripted_hop(*[503] * 10, attempts=5, budget=budget)
+    with pytest.raises(UpstreamUnavailable):
+        await hop.open("GET", "/x", retry_ok=True)
+    assert len(seen) == 2  # one try and the single retry the budget held
+
+
+# ---- the stream tap ---------------------------------------------------------------------------
+
+def test_the_tap_relays_whole_events_only_and_reads_the_usage_chunk():
+    tap = StreamTap(drop_usage=True)
+    stream_bytes = (chunk("c", choices=[{"index": 0, "delta": {"content": "hi"}}])
+                    + chunk("c", choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}])
+                    + chunk("c", choices=[], usage={"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4})
+                    + b"data: [DONE]\n\n")
+    out = b"".join(tap.feed(stream_bytes[i:i + 7]) for i in range(0, len(stream_bytes), 7))
+    assert out.endswith(b"data: [DONE]\n\n") and b"usage" not in out
+    assert tap.usage.total_tokens == 4 and tap.tokens == 1 and tap.complete
