@@ -245,8 +245,16 @@ class Load:
     async def run(self, on_tick: Callable[[float], None] = lambda _: None) -> None:
         timing = self.timing
         self.started = time.monotonic()
-        kinds = ["chat-stream-det"] * 30 + ["chat-stream"] * 20 + ["chat-det"] * 15 + ["chat"] * 15 + \
-                ["models"] * 10 + ["me"] * 10
+        # a shuffled deck, dealt in turn: every 20 requests hold the mix exactly
+        mix = ["chat-stream-det"] * 6 + ["chat-stream"] * 4 + ["chat-det"] * 3 + ["chat"] * 3 + ["models"] * 2 + \
+            ["me"] * 2
+        deck: list[str] = []
+
+        def deal() -> str:
+            if not deck:
+                deck.extend(self.random.sample(mix, len(mix)))
+            return deck.pop()
+
         interval = timing.workers / timing.rate
         keys = [(t, k) for t in self.tenants for k in t.keys if k != self.victim]
 
@@ -254,7 +262,7 @@ class Load:
             next_at = self.started + index * interval / timing.workers
             while time.monotonic() - self.started < timing.duration:
                 tenant, key = keys[self.random.randrange(len(keys))]
-                self.samples.append(await self.one(self.random.choice(kinds), tenant, key))
+                self.samples.append(await self.one(deal(), tenant, key))
                 next_at += interval
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
 
@@ -499,7 +507,8 @@ async def run_drill(stack, scenario: Scenario, *, short: bool, on_tick: Callable
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     timeout = httpx.Timeout(60.0, connect=5.0)
     async with httpx.AsyncClient(base_url=config.base_url, timeout=timeout, limits=limits) as http:
-        tenants = tenants or await make_tenants(http, creds)
+        tenants = [Tenant(t.user_id, list(t.keys), list(t.key_ids), list(t.prompts)) for t in tenants] \
+            if tenants else await make_tenants(http, creds)
         load = Load(http, tenants, timing)
         if scenario.revoke:
             victim = await _expect(await http.post("/v1/keys", json={"name": "drill-victim",
@@ -583,6 +592,7 @@ def main(args: argparse.Namespace) -> int:
             report, samples = asyncio.run(run_drill(
                 stack, scenario, short=args.short, on_tick=lambda t: progress.update(task, completed=t)))
         report["files"] = write_reports(report, samples, Path(args.output))
+        Path(args.output, f"{name}.samples.json").write_text(json.dumps([asdict(s) for s in samples]))
         reports.append(report)
         if not args.json:
             console.print(markdown(report), markup=False)

@@ -1,0 +1,78 @@
+"""Every failure-matrix row (DESIGN §5) as a short drill: steady mixed load, the fault at t1, removed at t2.
+
+Each asserts what users must see: every answer either served or honestly flagged, no turn lost, no
+revoked key passing after 1 s, no answer crossing tenants; and the stack is whole again afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from common.settings import REPO_ROOT
+from stack.drill import SCENARIOS, make_tenants, run_drill
+from stack.credentials import load_or_create
+
+# rows whose answers (not only honest flags) need work that lands with other issues
+NEEDS = {
+    "auth": "gateways keep authenticating with the auth service down only with the identity helper's "
+            "Redis auth cache and SnapshotAuthenticator (issue 3)",
+    "postgres": "auth introspection reads Postgres; cached auth (identity helper, issue 3) keeps keys working",
+    "inference": "the simplified model runs on the inference service itself; answers with inference down need "
+                 "a second inference replica or a registry fallback model on another engine (issue 4)",
+}
+
+
+@pytest.fixture(scope="module")
+def tenants(stack):
+    async def make():
+        async with httpx.AsyncClient(base_url=stack.config.base_url, timeout=30) as http:
+            return await make_tenants(http, load_or_create(stack.config))
+    return asyncio.run(make())
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_drill_keeps_every_answer_served_or_flagged_and_loses_nothing(stack, tenants, name, request):
+    report, samples = asyncio.run(run_drill(stack, SCENARIOS[name], short=True, turns_wait=20.0, tenants=tenants))
+    context = json.dumps({k: report[k] for k in ("outcomes", "errors", "degraded_layers", "routes")})
+    assert report["requests"] >= 60, context
+    assert report["served_or_flagged"] >= 0.99, context  # no unflagged 5xx, no silent cut, no hang
+    assert report["turns_lost"] == 0, f"{report['turns_lost']} of {report['turns_checked']} turns lost"
+    assert report["revoked_accepted"] == 0
+    assert report["cross_tenant_hits"] == 0
+    if name == "gateway-ai":
+        assert report["idempotent_failed"] == 0 and report["failover_seconds"] <= 1.0, context
+    if name == "revoke-key-under-load":
+        assert any(s.outcome == "refused-revoked" for s in samples)  # the revocation did take effect
+    # the stack is whole again: a clean answer through the primary path
+    creds = load_or_create(stack.config)
+    answer = httpx.get(f"{stack.config.base_url}/v1/models", headers={"authorization": f"Bearer {creds.demo_key}"},
+                       timeout=30)
+    assert answer.status_code == 200 and answer.headers["x-dualgate-route"] == "ai"
+    if name in NEEDS:
+        request.applymarker(pytest.mark.xfail(reason=NEEDS[name], strict=False))
+    assert report["availability"] >= 0.99, context
+
+
+def test_drill_lists_its_scenarios_and_prints_one_json_report(stack, tmp_path):
+    env = {"DUALGATE_HOME": str(stack.config.home), "DUALGATE_PORT_OFFSET": str(stack.config.port_offset),
+           "PATH": "/usr/bin:/bin"}
+    listed = subprocess.run([sys.executable, "-m", "stack.cli", "drill", "--list"], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0
+    assert {line.split()[0] for line in listed.stdout.splitlines()} == {*SCENARIOS, "all"}
+    run = subprocess.run([sys.executable, "-m", "stack.cli", "drill", "revoke-key-under-load", "--short", "--json",
+                          "--output", str(tmp_path)], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                         timeout=180)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(run.stdout)
+    for key in ("availability", "degraded_share", "errors", "latency_ms", "ttft_ms", "failover_seconds",
+                "recovery_seconds", "turns_lost", "revoked_accepted"):
+        assert key in report
+    assert set(report["latency_ms"]) == {"p50", "p95", "p99"}
+    assert {p.suffix for p in tmp_path.iterdir()} >= {".json", ".md", ".png"}
