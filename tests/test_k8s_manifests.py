@@ -350,16 +350,20 @@ def check_default_deny(docs: Docs) -> list[str]:
 
 
 def check_request_path(docs: Docs) -> list[str]:
-    """Between dualgate's pods, exactly the hops of CALLS are open; from outside, only the edge."""
+    """Between dualgate's pods, exactly the hops of CALLS are open, on both sides of each hop (the
+    caller's egress and the callee's ingress); from outside, only the edge."""
     problems = []
     pods = app_pods(docs)
     for src, src_pod in pods.items():
         for dst, dst_pod in pods.items():
             if src == dst:
                 continue
-            expected = dst in CALLS.get(src, set())
-            if can_connect(docs, src_pod, dst_pod, port_of(dst)) != expected:
-                problems.append(f"{src} -> {dst}:{port_of(dst)} should be {'allowed' if expected else 'denied'}")
+            expected, port = dst in CALLS.get(src, set()), port_of(dst)
+            verdict = "allowed" if expected else "denied"
+            if _allowed(docs, "Egress", src_pod, dst_pod, port, "TCP") != expected:
+                problems.append(f"{src}'s egress to {dst}:{port} should be {verdict}")
+            if _allowed(docs, "Ingress", dst_pod, src_pod, port, "TCP") != expected:
+                problems.append(f"{dst}'s ingress from {src} on {port} should be {verdict}")
     for name, pod in pods.items():
         reachable = can_connect(docs, INTERNET, pod, port_of(name))
         if reachable != (name == EDGE):
@@ -596,9 +600,10 @@ def check_vault(docs: Docs) -> list[str]:
             problems.append(f"{name}: no vault.hashicorp.com/agent-inject: \"true\"")
         if role != f"dualgate-{name}":
             problems.append(f"{name}: Vault role {role!r}, not the AppRole name dualgate-{name}")
-        policy = POLICY_DIR / f"{role.removeprefix('dualgate-')}.hcl"
-        if not (policy.exists() or (POLICY_DIR / "common.hcl").exists()):
-            problems.append(f"{name}: no policy file for {role} in vault/policies/")
+        # the role gets dualgate-common plus its own policy where vault/policies/<service>.hcl exists
+        own, common = POLICY_DIR / f"{role.removeprefix('dualgate-')}.hcl", POLICY_DIR / "common.hcl"
+        if role.removeprefix("dualgate-") not in VAULT_CLIENTS or not (own.exists() or common.exists()):
+            problems.append(f"{name}: role {role} names no AppRole and policy file of vault/ and stack/credentials.py")
         template = notes.get("vault.hashicorp.com/agent-inject-template-dualgate.env", "")
         if f"auth/approle/role/{role}/" not in template:
             problems.append(f"{name}: the agent template does not render {role}'s AppRole login")
@@ -680,10 +685,20 @@ def check_settings(docs: Docs) -> list[str]:
     for dep in of_kind(docs, "Deployment"):
         c = container(dep)
         names += [(ident(dep), k) for k in env_of(c)]
+        env: dict[str, str] = {}
         for ref in c.get("envFrom", []):
             cm_name = ref.get("configMapRef", {}).get("name")
-            if cm_name and not any(cm["metadata"]["name"] == cm_name and ns(cm) == ns(dep) for cm in of_kind(docs, "ConfigMap")):
+            found = [cm for cm in of_kind(docs, "ConfigMap") if cm["metadata"]["name"] == cm_name and ns(cm) == ns(dep)]
+            if cm_name and not found:
                 problems.append(f"{ident(dep)}: envFrom names ConfigMap {cm_name}, not in its namespace")
+            for cm in found:
+                env.update(cm.get("data", {}))
+        env.update(env_of(c))
+        if dep["metadata"]["name"] in UVICORN_APPS:
+            try:  # what the process will read at start (the Vault-rendered values aside)
+                Settings.from_env(env)
+            except msgspec.ValidationError as exc:
+                problems.append(f"{ident(dep)}: its settings do not parse: {exc}")
     for where, key in names:
         if key.startswith("DUALGATE_") and key.removeprefix("DUALGATE_").lower() not in fields:
             problems.append(f"{where}: {key} is not a setting of common/settings.py")
@@ -747,10 +762,13 @@ def dashboard(docs: Docs) -> tuple[Doc, dict]:
 
 
 def dashboard_exprs(board: dict) -> list[str]:
+    """Every PromQL query of the dashboard: panel targets and query variables."""
     exprs = [t["expr"] for p in board.get("panels", []) for t in p.get("targets", []) if t.get("expr")]
     for var in board.get("templating", {}).get("list", []):
+        if var.get("type") != "query":
+            continue  # a datasource variable's "query" is a plugin type, not PromQL
         query = var.get("query")
-        exprs.append(query.get("query", "") if isinstance(query, dict) else "" if var.get("type") == "datasource" else str(query or ""))
+        exprs.append(query.get("query", "") if isinstance(query, dict) else str(query or ""))
     return exprs
 
 
@@ -1065,7 +1083,11 @@ BROKEN: dict[str, tuple[Callable[[Docs], list[str]], Callable[[Docs], None]]] = 
     "unknown container field": (check_schemas, _set(_container_of("chat"), "bogus", True)),
     "no default deny in auth": (check_default_deny, _drop("NetworkPolicy", "default-deny", "auth")),
     "chat's ingress policy gone": (check_request_path, _drop("NetworkPolicy", "chat", "ai-services")),
-    "allow-all in gateway and ai-services": (check_request_path, _allow_all("gateway", "ai-services")),
+    "allow-all in gateway": (check_request_path, _allow_all("gateway")),
+    "auth admits the fallback gateway": (check_request_path, lambda docs: find(docs, "NetworkPolicy", "auth", "auth")
+                                         ["spec"]["ingress"][0]["from"].append(
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway"}},
+         "podSelector": {"matchLabels": {"app.kubernetes.io/name": "gateway-fallback"}}})),
     "no DNS for ai-services": (check_platform_traffic, _drop("NetworkPolicy", "allow-dns", "ai-services")),
     "vault label on the router": (check_platform_traffic,
                                   lambda docs: pod_labels(deployment(docs, "router")).update({"dualgate.io/egress-vault": "true"})),
@@ -1086,11 +1108,14 @@ BROKEN: dict[str, tuple[Callable[[Docs], list[str]], Callable[[Docs], None]]] = 
     "no HPA": (check_pdb_and_hpa, _drop("HorizontalPodAutoscaler", "router")),
     "chat scales on CPU only": (check_queue_autoscaling, _hpa_metrics("chat", "Resource")),
     "wrong Vault role": (check_vault, _annotate("chat", "vault.hashicorp.com/role", "dualgate-chats")),
+    "no database credentials for users": (check_vault, _annotate(
+        "users", "vault.hashicorp.com/agent-inject-template-dualgate.env", "{{ with secret \"auth/approle/role/dualgate-users/role-id\" }}")),
     "agent on the router": (check_vault, _annotate("router", "vault.hashicorp.com/agent-inject", "true")),
     "secret id in a ConfigMap": (check_no_secrets_in_manifests, _settings("DUALGATE_VAULT_SECRET_ID", "s3cr3t")),
     "auth Service on another port": (check_ports, lambda docs: find(docs, "Service", "auth")["spec"]["ports"][0]
                                      .update(port=8300)),
     "misspelt setting": (check_settings, _settings("DUALGATE_AUTHURL", "http://auth.auth.svc.cluster.local:8301")),
+    "unparsable setting": (check_settings, _settings("DUALGATE_MAX_BODY_BYTES", "1 MiB")),
     "URL to a missing Service": (check_settings, _settings("DUALGATE_CHAT_URL", "http://chat.gateway.svc.cluster.local:8303")),
     "postgres run in-cluster": (check_data_services,
                                 lambda docs: find(docs, "Service", "postgres", "data-services")["spec"].update(type="ClusterIP")),
