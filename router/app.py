@@ -17,7 +17,8 @@ from common.breaker import AsyncBreaker
 from common.http import upstream_client
 from common.limits import RequestRateLimiter
 from common.settings import Settings
-from router.pools import GatewayPool, HealthChecker
+from router.pools import GatewayPool, HealthChecker, gateway_session
+from router.proxy import EdgeProxy
 from router.routes import route_handlers
 
 SERVICES = ("auth", "users", "chat", "models", "inference")
@@ -91,7 +92,7 @@ class RouterDeps:
         return msgspec.json.encode(body)
 
 
-def create_app(settings: Settings | None = None) -> Litestar:
+def create_app(settings: Settings | None = None) -> EdgeProxy:
     settings = settings or Settings.from_env(service="router")
 
     @asynccontextmanager
@@ -99,10 +100,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
         async with contextlib.AsyncExitStack() as stack:
             redis = Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=0.5)
             stack.push_async_callback(redis.aclose)
-            clients = {}
-            for name in ("identity", "ai", "fallback", "probe"):
-                clients[name] = upstream_client(settings, read_timeout=settings.router_first_byte_timeout)
-                stack.push_async_callback(clients[name].aclose)
+            probe = upstream_client(settings, read_timeout=settings.health_timeout)
+            stack.push_async_callback(probe.aclose)
+            sessions = {}
+            for name in ("identity", "ai", "fallback"):
+                sessions[name] = gateway_session(256, settings.connect_timeout, settings.router_first_byte_timeout)
+                stack.push_async_callback(sessions[name].close)
             breakers = {}
             for domain in ("identity", "ai"):
                 breakers[domain] = AsyncBreaker(f"gateway-{domain}", redis, fail_max=3,
@@ -110,12 +113,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 await breakers[domain].start()
                 stack.push_async_callback(breakers[domain].stop)
             pools = {
-                "identity": GatewayPool.of("identity", clients["identity"],
+                "identity": GatewayPool.of("identity", sessions["identity"],
                                            settings.url_list(settings.gateway_identity_urls), breakers["identity"]),
-                "ai": GatewayPool.of("ai", clients["ai"], settings.url_list(settings.gateway_ai_urls), breakers["ai"]),
+                "ai": GatewayPool.of("ai", sessions["ai"], settings.url_list(settings.gateway_ai_urls), breakers["ai"]),
             }
-            fallback = GatewayPool.of("fallback", clients["fallback"], settings.url_list(settings.gateway_fallback_url))
-            health = HealthChecker(clients["probe"], [*pools.values(), fallback], interval=settings.health_interval,
+            fallback = GatewayPool.of("fallback", sessions["fallback"], settings.url_list(settings.gateway_fallback_url))
+            health = HealthChecker(probe, [*pools.values(), fallback], interval=settings.health_interval,
                                    timeout=settings.health_timeout)
             await health.start()
             stack.push_async_callback(health.stop)
@@ -125,8 +128,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 pools=pools, fallback=fallback,
                 ip_limiter=RequestRateLimiter(redis, "ip"), ip_limit=settings.router_ip_rpm,
                 max_body_bytes=settings.max_body_bytes, first_byte_timeout=settings.router_first_byte_timeout,
-                probe=clients["probe"], redis=redis, service_urls=urls,
+                probe=probe, redis=redis, service_urls=urls,
             )
             yield
 
-    return create_service_app(settings, route_handlers=route_handlers, lifespan=lifespan)
+    # the proxied paths skip Litestar's per-request machinery; health, metrics and /status use it
+    return EdgeProxy(create_service_app(settings, route_handlers=route_handlers, lifespan=lifespan),
+                     settings.service)

@@ -3,6 +3,10 @@
 A member that fails its health check (or refuses a connection) is taken out at once, and every
 request still waiting for its first byte from it is released to fail over: one hung gateway never
 holds every request. It comes back on its first passing check.
+
+The hot path speaks to gateways through one aiohttp session per pool (its connector hands out an
+idle keep-alive connection in O(1); the router does nothing but relay bytes, and per-request client
+cost is most of what it spends). Health checks and /status use httpx, off the hot path.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import aiohttp
 import httpx
 
 from common.breaker import AsyncBreaker
@@ -21,6 +26,16 @@ log = logging.getLogger(__name__)
 
 class MemberDown(Exception):
     """The member was found down while this request waited for its first byte."""
+
+
+def gateway_session(max_connections: int, connect_timeout: float, idle_timeout: float) -> aiohttp.ClientSession:
+    """One long-lived session per pool: keep-alive connections sized for the concurrency, bytes untouched."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, keepalive_timeout=30),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=idle_timeout),
+        auto_decompress=False, skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
 
 
 @dataclass(eq=False)
@@ -55,15 +70,15 @@ class Member:
 @dataclass(eq=False)
 class GatewayPool:
     name: str
-    client: httpx.AsyncClient
+    session: aiohttp.ClientSession
     members: list[Member]
     breaker: AsyncBreaker | None = None
     failovers: int = 0
     _next: int = 0
 
     @classmethod
-    def of(cls, name: str, client: httpx.AsyncClient, urls: list[str], breaker: AsyncBreaker | None = None):
-        return cls(name=name, client=client, members=[Member(u) for u in urls], breaker=breaker)
+    def of(cls, name: str, session: aiohttp.ClientSession, urls: list[str], breaker: AsyncBreaker | None = None):
+        return cls(name=name, session=session, members=[Member(u) for u in urls], breaker=breaker)
 
     def pick(self, exclude: tuple[Member, ...] = ()) -> Member | None:
         """Round robin over the healthy members."""
@@ -75,17 +90,20 @@ class GatewayPool:
                 return member
         return None
 
-    async def send(self, member: Member, request: httpx.Request, first_byte_timeout: float) -> httpx.Response:
-        """The member's status line and headers, or MemberDown / TimeoutError / httpx errors."""
+    async def send(self, member: Member, method: str, url: str, body: bytes, headers: list[tuple[str, str]],
+                   first_byte_timeout: float) -> aiohttp.ClientResponse:
+        """The member's status line and headers, or MemberDown / TimeoutError / aiohttp errors."""
         down = member.down_signal()
-        sending = asyncio.ensure_future(self.client.send(request, stream=True))
+        sending = asyncio.ensure_future(self.session.request(method, url, data=body or None, headers=headers,
+                                                             allow_redirects=False))
         done, _ = await asyncio.wait((sending, down), timeout=first_byte_timeout,
                                      return_when=asyncio.FIRST_COMPLETED)
         if sending in done:
             return sending.result()
         sending.cancel()
         try:
-            await sending
+            response = await sending
+            response.close()
         except BaseException:  # cancelled or failed: either way it is abandoned
             pass
         if down in done:
