@@ -25,6 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import httpx
 import msgspec
 from rich.console import Console
@@ -55,23 +56,25 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-async def one_request(client: httpx.AsyncClient, url: str, headers, body, samples: Samples) -> None:
+async def one_request(client: aiohttp.ClientSession, url: str, headers, body, samples: Samples) -> None:
+    """One streamed request. The client is aiohttp: the load generator shares the two cores with the
+    stack it measures, so it must cost as little as possible per chunk (the same for both paths)."""
     headers = headers.next() if isinstance(headers, _Rotating) else headers
     body = body() if callable(body) else body
     started = time.perf_counter()
     first = None
     try:
-        async with client.stream("POST", url, content=body, headers=headers) as resp:
-            if resp.status_code != 200:
+        async with client.post(url, data=body, headers=headers) as resp:
+            if resp.status != 200:
                 samples.errors += 1
-                await resp.aread()
+                await resp.read()
                 return
-            async for chunk in resp.aiter_raw():
+            async for chunk in resp.content.iter_any():
                 if first is None and FIRST_TOKEN.search(chunk):
                     first = time.perf_counter()
                 if chunk.rstrip().endswith(b"[DONE]"):
                     break
-    except httpx.HTTPError:
+    except (aiohttp.ClientError, TimeoutError):
         samples.errors += 1
         return
     done = time.perf_counter()
@@ -150,8 +153,9 @@ async def overhead(config: StackConfig, requests: int, levels: list[int], consol
     direct_url = f"{config.url('inference')}/v1/chat/completions"
     chain_url = f"{config.base_url}/v1/chat/completions"
     results: dict = {"levels": {}}
-    limits = httpx.Limits(max_connections=max(levels) * 2, max_keepalive_connections=max(levels) * 2)
-    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=max(levels) * 2)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30),
+                                     auto_decompress=False) as client:
         # warm every pool and cache on both paths
         warm = Samples()
         for _ in range(10):
@@ -162,14 +166,24 @@ async def overhead(config: StackConfig, requests: int, levels: list[int], consol
                 task = progress.add_task(f"concurrency {level}", total=requests * 2)
                 direct, chain = Samples(), Samples()
                 per_block = max(1, requests // BLOCKS)
+                cpu: dict[str, float] = {}
                 for _ in range(BLOCKS):
                     await run_block(client, direct_url, direct_headers, direct_body, per_block, level, direct,
                                     lambda: progress.advance(task))
+                    before = process_cpu(config)
                     await run_block(client, chain_url, chain_headers, chain_body, per_block, level, chain,
                                     lambda: progress.advance(task))
+                    after = process_cpu(config)
+                    for name in after:
+                        cpu[name] = cpu.get(name, 0.0) + after[name] - before.get(name, after[name])
                 d, c = summarize(direct), summarize(chain)
                 added = {kind: {q: round(c[kind][q] - d[kind][q], 2) for q in d[kind]} for kind in ("total_ms", "ttft_ms")}
-                results["levels"][str(level)] = {"direct": d, "chain": c, "added": added}
+                count = max(1, len(chain.total_ms))
+                results["levels"][str(level)] = {
+                    "direct": d, "chain": c, "added": added,
+                    # where the chain's CPU goes (ms per chain request, this load generator included)
+                    "chain_cpu_ms_per_request": {k: round(v * 1000 / count, 3) for k, v in sorted(cpu.items())
+                                                 if v * 1000 / count >= 0.01}}
     return results
 
 
@@ -183,6 +197,9 @@ def print_table(results: dict, console: Console) -> None:
                           *(f"{ttft[q]:.2f}" for q in ("p50", "p95", "p99")), str(row.get("errors", "")))
     console.print(table)
     console.print("times in ms; 'added' = chain minus direct at the same percentile")
+    for level, r in results["levels"].items():
+        console.print(f"concurrency {level}, CPU ms per chain request: "
+                      + ", ".join(f"{k} {v}" for k, v in r["chain_cpu_ms_per_request"].items()))
 
 
 # ---- cache hits --------------------------------------------------------------------------------
