@@ -56,7 +56,7 @@ class FallbackDeps:
 def _authenticator(settings: Settings, redis, client, tokens: InternalTokens, service: str):
     snapshot = getattr(authn, "SnapshotAuthenticator", None)
     if snapshot is not None:  # the identity kit's snapshot: keeps working while auth and Redis are down
-        return snapshot(redis=redis, client=client, tokens=tokens, service=service)
+        return snapshot(redis, tokens, auth_client=client, service=service)
     return authn.Authenticator(client, tokens, service)
 
 

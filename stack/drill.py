@@ -337,8 +337,7 @@ class Faults:
         await self._each("start", s.stop)
         if s.bootstrap_vault:
             await asyncio.to_thread(self.stack.wait_ready, ("vault",), 30.0)
-            from stack import vault_bootstrap
-            await asyncio.to_thread(vault_bootstrap.bootstrap, self.stack.config.url("vault"), self.creds)
+            await asyncio.to_thread(rebootstrap_vault, self.stack, self.creds)
 
     def restore_sync(self) -> None:
         """Whatever happened, leave every component running and ready."""
@@ -351,6 +350,46 @@ class Faults:
         for name in self.scenario.stop:
             sup.start(name)
         self.stack.wait_ready(tuple(self.stack.config.components), 120.0)
+        self.settle()
+
+    def settle(self, timeout: float = 30.0) -> None:
+        """Until both domains answer cleanly on their primary path three times running (breakers
+        closed, pools healthy), so one drill's aftermath never counts against the next."""
+        headers = {"authorization": f"Bearer {self.creds.demo_key}"}
+        deadline = time.monotonic() + timeout
+        clean = 0
+        with httpx.Client(base_url=self.stack.config.base_url, timeout=10) as http:
+            while clean < 3 and time.monotonic() < deadline:
+                try:
+                    answers = [
+                        http.post("/v1/chat/completions", headers=headers, json={
+                            "model": MODEL, "max_tokens": 2, "temperature": 0.7,
+                            "messages": [{"role": "user", "content": f"settle {uuid.uuid4().hex}"}]}),
+                        http.get("/v1/users/me", headers=headers),
+                    ]
+                    ok = all(a.status_code == 200 and DEGRADED not in a.headers
+                             and a.headers.get(ROUTE) in ("ai", "identity") for a in answers)
+                except httpx.HTTPError:
+                    ok = False
+                clean = clean + 1 if ok else 0
+                if not ok:
+                    time.sleep(0.2)
+
+
+def rebootstrap_vault(stack, creds: Credentials) -> None:
+    """A restarted dev-mode Vault holds nothing: configure it again, as `dualgate up` did."""
+    import inspect
+
+    from stack import vault_bootstrap
+
+    first = next(iter(inspect.signature(vault_bootstrap.bootstrap).parameters))
+    vault_bootstrap.bootstrap(stack.config if first == "config" else stack.config.url("vault"), creds)
+
+
+def admin_dsn(stack, database: str) -> str:
+    """The stack's own superuser URL for `database` (with its password where the stack has one)."""
+    dsn = getattr(stack, "admin_dsn", None)
+    return dsn(database) if dsn is not None else stack.config.database_url(database)
 
 
 # ---- report ---------------------------------------------------------------------------------------
@@ -423,7 +462,7 @@ def summarize(samples: list[Sample], scenario: Scenario, timing: Timing, revoked
     }
 
 
-async def count_lost_turns(config: StackConfig, samples: list[Sample], wait: float) -> tuple[int, int]:
+async def count_lost_turns(stack, samples: list[Sample], wait: float) -> tuple[int, int]:
     """Clean chat answers the chat service gave (not a cache hit, not a fallback layer) whose turn
     is not in the chat database after up to `wait` seconds."""
     import asyncpg
@@ -436,7 +475,7 @@ async def count_lost_turns(config: StackConfig, samples: list[Sample], wait: flo
     missing = set(wanted)
     while True:
         try:
-            conn = await asyncpg.connect(config.database_url("chat"), timeout=5)
+            conn = await asyncpg.connect(admin_dsn(stack, "chat"), timeout=5)
             try:
                 rows = await conn.fetch("SELECT request_id FROM turns WHERE request_id = ANY($1::text[])",
                                         list(missing))
@@ -537,7 +576,7 @@ async def run_drill(stack, scenario: Scenario, *, short: bool, on_tick: Callable
             await asyncio.to_thread(faults.restore_sync)
         revoked_at = faults.revoked_at - load.started if faults.revoked_at is not None else None
         wait = turns_wait if turns_wait is not None else (20.0 if short else 60.0)
-        lost, checked = await count_lost_turns(config, load.samples, wait)
+        lost, checked = await count_lost_turns(stack, load.samples, wait)
     return summarize(load.samples, scenario, timing, revoked_at, lost, checked), load.samples
 
 

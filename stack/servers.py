@@ -24,7 +24,6 @@ APP_FACTORIES = {
     "chat": "services.chat.app:create_app",
     "gateway-identity": "gateway_primary.app:create_app",
     "gateway-ai": "gateway_primary.app:create_app",
-    "gateway-ai-2": "gateway_primary.app:create_app",
     "gateway-fallback": "gateway_fallback.app:create_app",
     "router": "router.app:create_app",
 }
@@ -163,7 +162,9 @@ def programs(config: StackConfig, creds: Credentials) -> list[Program]:
                           f"-dev-listen-address=127.0.0.1:{config.port('vault')}"],
                 env={"HOME": str(config.home)}),
     ]
-    for name, factory in APP_FACTORIES.items():
+    # a replica runs its deployable's factory (one deployable, several processes)
+    replicas = {name: APP_FACTORIES[of] for name, of in REPLICA_OF.items()}
+    for name, factory in {**APP_FACTORIES, **replicas}.items():
         progs.append(Program(name, [
             sys.executable, "-m", "uvicorn", "--factory", factory, "--host", "127.0.0.1",
             "--port", str(config.port(name)), "--loop", "uvloop", "--http", "httptools", "--no-access-log",

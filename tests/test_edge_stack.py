@@ -10,6 +10,7 @@ import httpx
 import psycopg
 import pytest
 
+from stack.drill import admin_dsn
 from stack.local import LocalStack
 
 
@@ -52,7 +53,7 @@ async def test_both_ai_gateway_replicas_count_one_shared_request_limit(stack: Lo
 
 async def test_n_parallel_requests_over_a_limit_of_l_through_two_replicas_admit_exactly_l(stack: LocalStack,
                                                                                          admin_headers):
-    with psycopg.connect(stack.config.database_url("users"), autocommit=True) as conn:
+    with psycopg.connect(admin_dsn(stack, "users"), autocommit=True) as conn:
         conn.execute("INSERT INTO plans (name, requests_per_min, tokens_per_day, max_tokens) "
                      "VALUES ('edge-tiny', 8, 1000000, 4096) ON CONFLICT (name) DO NOTHING")
     async with httpx.AsyncClient(base_url=stack.config.base_url, timeout=30,
@@ -99,7 +100,7 @@ async def test_request_id_and_trace_travel_to_the_chat_service_and_back(stack: L
                                         "traceparent": f"00-{trace}-{'1' * 16}-01"})
     assert response.status_code == 200 and response.headers["x-request-id"] == request_id
     assert response.headers["x-ratelimit-limit-tokens"]
-    with psycopg.connect(stack.config.database_url("chat"), autocommit=True) as conn:
+    with psycopg.connect(admin_dsn(stack, "chat"), autocommit=True) as conn:
         _wait_for(lambda: conn.execute("SELECT 1 FROM turns WHERE request_id = %s", (request_id,)).fetchone(),
                   timeout=20)
 
