@@ -1,0 +1,179 @@
+"""The router's hot path against real HTTP gateways (small aiohttp servers) and a real Valkey.
+
+What a client notices: failover before the first byte (and only then), honest flags passed on,
+a stream cut after the first byte ends with an error event, the per-IP bucket, the body limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from types import SimpleNamespace
+
+import httpx
+import pytest
+from aiohttp import web
+from redis.asyncio import Redis
+
+from common.breaker import AsyncBreaker
+from common.limits import RequestRateLimiter
+from edge_support import valkey_server
+from router.app import RouterDeps
+from router.pools import GatewayPool, gateway_session
+from router.proxy import EdgeProxy
+
+EVENTS = [b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n',
+          b'data: {"id":"c","choices":[{"index":0,"delta":{"content":" there"}}]}\n\n']
+
+
+@pytest.fixture(scope="module")
+def valkey_port():
+    with valkey_server() as port:
+        yield port
+
+
+class Gateway:
+    """A gateway whose next answers are scripted: ok, cut, 500, degraded, hang."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.script: list[str] = []
+        self.seen: list[dict] = []
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.seen.append({"headers": request.headers.copy(), "body": await request.read()})
+        mode = self.script.pop(0) if self.script else "ok"
+        if mode == "500":
+            return web.json_response({"error": {"message": "boom"}}, status=500)
+        if mode == "degraded":
+            return web.json_response({"error": {"message": "chain exhausted", "code": "degraded"}}, status=503,
+                                     headers={"x-dualgate-degraded": "degraded", "retry-after": "5"})
+        if mode == "hang":
+            await asyncio.sleep(3)  # far past the router's first-byte timeout (0.5 s)
+        if request.path.endswith("/models"):
+            return web.json_response({"served_by": self.name})
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(EVENTS[0])
+        if mode == "cut":
+            await asyncio.sleep(0.1)  # the first event has reached the client
+            request.transport.close()  # then the gateway dies mid-answer
+            return response
+        await response.write(EVENTS[1] + b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+
+
+@pytest.fixture
+async def edge(valkey_port):
+    primary, fallback = Gateway("primary"), Gateway("fallback")
+    await primary.start()
+    await fallback.start()
+    redis = Redis(port=valkey_port, socket_timeout=1)
+    sessions = [gateway_session(64, 1.0, 5.0) for _ in range(3)]
+    breaker = AsyncBreaker(f"gateway-ai-{id(primary)}", None, fail_max=3, reset_timeout=30)
+    deps = RouterDeps(
+        pools={"ai": GatewayPool.of("ai", sessions[0], [primary.url], breaker),
+               "identity": GatewayPool.of("identity", sessions[1], [primary.url])},
+        fallback=GatewayPool.of("fallback", sessions[2], [fallback.url]),
+        ip_limiter=RequestRateLimiter(redis, f"ip-{id(primary)}"), ip_limit=1000, max_body_bytes=1000,
+        first_byte_timeout=0.5, probe=None, redis=redis, service_urls={})
+    proxy = EdgeProxy(SimpleNamespace(state=SimpleNamespace(deps=deps)), "router")
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=proxy, client=("127.0.0.1", 5000)),
+                               base_url="http://router")
+    yield SimpleNamespace(primary=primary, fallback=fallback, deps=deps, http=client, breaker=breaker)
+    await client.aclose()
+    for session in sessions:
+        await session.close()
+    await redis.aclose()
+    for gateway in (primary, fallback):
+        await gateway.runner.cleanup()
+
+
+async def test_a_5xx_before_the_first_byte_is_replayed_to_the_fallback_gateway(edge):
+    edge.primary.script.append("500")
+    response = await edge.http.post("/v1/chat/completions", content=b'{"stream":true}')
+    assert response.status_code == 200 and response.headers["x-dualgate-route"] == "fallback"
+    assert edge.fallback.seen[-1]["body"] == b'{"stream":true}'  # the same request, replayed
+
+
+async def test_a_hung_gateway_costs_one_first_byte_timeout_then_the_fallback_answers(edge):
+    edge.primary.script.append("hang")
+    started = asyncio.get_running_loop().time()
+    response = await edge.http.get("/v1/models")
+    assert response.json() == {"served_by": "fallback"}
+    assert asyncio.get_running_loop().time() - started < 2.0
+
+
+async def test_a_flagged_degraded_answer_is_passed_on_not_replayed_and_not_a_breaker_failure(edge):
+    edge.primary.script.extend(["degraded"] * 5)
+    for _ in range(5):
+        response = await edge.http.get("/v1/models")
+        assert response.status_code == 503 and response.headers["x-dualgate-degraded"] == "degraded"
+        assert response.headers["x-dualgate-route"] == "ai"
+    assert edge.fallback.seen == [] and edge.breaker.state == "closed"
+
+
+async def test_a_stream_cut_after_the_first_byte_ends_with_an_error_event_not_a_replay(edge):
+    edge.primary.script.append("cut")
+    response = await edge.http.post("/v1/chat/completions", content=b"{}")
+    events = [e for e in response.content.split(b"\n\n") if e]
+    assert response.status_code == 200 and response.headers["x-dualgate-route"] == "ai"
+    assert events[0] + b"\n\n" == EVENTS[0]
+    assert json.loads(events[-2][6:])["error"]["code"] == "stream_interrupted"
+    assert events[-1] == b"data: [DONE]"
+    assert edge.fallback.seen == []  # after the first byte: never replayed
+
+
+async def test_a_whole_stream_passes_through_unchanged(edge):
+    response = await edge.http.post("/v1/chat/completions", content=b"{}")
+    assert response.content == EVENTS[0] + EVENTS[1] + b"data: [DONE]\n\n"
+    assert response.headers["content-type"] == "text/event-stream"
+
+
+async def test_each_request_carries_a_request_id_and_traceparent_to_the_gateway(edge):
+    response = await edge.http.get("/v1/models")
+    sent = edge.primary.seen[-1]["headers"]
+    assert sent["X-Request-Id"] == response.headers["x-request-id"]
+    assert sent["Traceparent"].startswith("00-") and len(sent["Traceparent"].split("-")[1]) == 32
+    await edge.http.get("/v1/models", headers={"x-request-id": "mine-1"})
+    assert edge.primary.seen[-1]["headers"]["X-Request-Id"] == "mine-1"
+
+
+async def test_the_per_ip_bucket_refuses_with_429_and_retry_after(edge):
+    edge.deps.ip_limit = 3
+    statuses = [(await edge.http.get("/v1/models", headers={"x-forwarded-for": "203.0.113.9"})).status_code
+                for _ in range(4)]
+    # the peer is loopback (the edge), so its X-Forwarded-For names the client: one bucket for it
+    assert statuses == [200, 200, 200, 429]
+    refused = await edge.http.get("/v1/models", headers={"x-forwarded-for": "203.0.113.9"})
+    assert int(refused.headers["retry-after"]) >= 1 and refused.json()["error"]["code"] == "rate_limit_exceeded"
+    other = await edge.http.get("/v1/models", headers={"x-forwarded-for": "203.0.113.10"})
+    assert other.status_code == 200
+
+
+async def test_a_body_over_the_limit_is_a_413_before_any_gateway_sees_it(edge):
+    response = await edge.http.post("/v1/chat/completions", content=b"x" * 2000)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    assert edge.primary.seen == [] and edge.fallback.seen == []
+
+
+async def test_repeated_5xx_open_the_domain_breaker_and_the_gateway_is_no_longer_called(edge):
+    edge.primary.script.extend(["500"] * 3)
+    for _ in range(3):
+        assert (await edge.http.get("/v1/models")).headers["x-dualgate-route"] == "fallback"
+    assert edge.breaker.state == "open"
+    calls = len(edge.primary.seen)
+    assert (await edge.http.get("/v1/models")).headers["x-dualgate-route"] == "fallback"
+    assert len(edge.primary.seen) == calls
