@@ -112,17 +112,18 @@ class AuthChangeFeed:
 
     Subscribes to AUTH_CHANNEL, then loads AUTH_REVOKED (so nothing published in between is
     missed), and pings the subscription: no answer within `PONG_DEADLINE` counts as dropped.
-    `on_resync` runs after every (re)load, so its owner can drop what it cached meanwhile.
+    `on_resync` runs after every (re)load and when the subscription drops, so its owner can drop
+    what it cached meanwhile.
     While not subscribed, `poll` (when given) fetches the complete marker set another way.
     """
 
-    PING_INTERVAL = 0.25
-    PONG_DEADLINE = 0.75
+    PING_INTERVAL = 0.2
+    PONG_DEADLINE = 0.5  # with the 1 s cache lifetime after it, a silent drop costs well under a second
     RETRY_MAX = 2.0
 
     def __init__(self, redis: Redis, *, on_resync: Callable[[], None] = lambda: None,
                  poll: Callable[[], Awaitable[dict[str, AuthChange]]] | None = None,
-                 poll_interval: float = 0.5, retention: float = 90_000.0) -> None:
+                 poll_interval: float = 0.25, retention: float = 90_000.0) -> None:
         self._redis = redis
         self._on_resync = on_resync
         self._poll = poll
@@ -189,7 +190,9 @@ class AuthChangeFeed:
                     log.warning("auth-change subscription lost; short cache lifetimes until it is back",
                                 extra={"error": repr(exc)})
             finally:
-                self.subscribed = False
+                if self.subscribed:
+                    self.subscribed = False
+                    self._on_resync()  # what was cached while listening may have missed a change: drop it
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(0.5):
                         await pubsub.aclose()
@@ -228,8 +231,8 @@ class AuthChangeFeed:
     async def _poll_while_unsubscribed(self) -> None:
         assert self._poll is not None
         while True:
-            await asyncio.sleep(self._poll_interval)
             if self.subscribed:
+                await asyncio.sleep(0.05)  # poll as soon as the subscription drops
                 continue
             try:
                 self.changes = await self._poll()
@@ -237,6 +240,7 @@ class AuthChangeFeed:
                 raise
             except Exception as exc:  # the auth service is away too: keep the last markers
                 log.debug("auth-change poll failed", extra={"error": repr(exc)})
+            await asyncio.sleep(self._poll_interval)
 
 
 # ---- JWT verification -------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 The database holds every current marker; Redis holds the copy gateways read (AUTH_REVOKED) and the
 channel they listen on (AUTH_CHANNEL). When Redis misses a write, or loses the hash (restart),
-the reconcile loop re-seeds it from the database in one transaction and publishes `resync`.
+the reconcile loop re-seeds it from the database and publishes `resync`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from services.auth.store import MarkerStore
 log = logging.getLogger(__name__)
 
 REDIS_TIMEOUT = 0.5
+STALE_MARGIN = 5.0
 _encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(AuthChange)
 
 
 class AuthChanges:
@@ -36,10 +38,15 @@ class AuthChanges:
         self.retention = retention  # markers older than any cache a gateway may still trust
         self._dirty = True  # seed Redis on start
         self._pruned_at = 0.0
+        self._lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
 
     async def record(self, change: AuthChange) -> None:
         """Durable first (the change is in force for introspection at once), then broadcast."""
+        async with self._lock:  # never interleaved with a re-seed, which could drop it from Redis
+            await self._record(change)
+
+    async def _record(self, change: AuthChange) -> None:
         field = marker_field(change)
         if field is None:
             raise ValueError(f"auth change {change.kind!r} leaves no marker")
@@ -80,15 +87,40 @@ class AuthChanges:
             complete = await self.redis.hexists(AUTH_REVOKED, AUTH_EPOCH_FIELD)
         if complete and not self._dirty:
             return
+        async with self._lock:
+            await self._reseed(now)
+
+    async def _reseed(self, now: float) -> None:
+        """Write every marker the database holds (adding, never clearing first: another replica may be
+        recording a change right now), then drop markers the database no longer has."""
         markers = await self.markers.all()
         async with asyncio.timeout(REDIS_TIMEOUT * 4):
             pipe = self.redis.pipeline(transaction=True)
-            pipe.delete(AUTH_REVOKED)
-            pipe.hset(AUTH_REVOKED, mapping={**markers, AUTH_EPOCH_FIELD: uuid.uuid4().hex})
+            if markers:
+                pipe.hset(AUTH_REVOKED, mapping=markers)
+            pipe.hset(AUTH_REVOKED, AUTH_EPOCH_FIELD, uuid.uuid4().hex)
             pipe.publish(AUTH_CHANNEL, _encoder.encode(AuthChange(kind="resync", at=now)))
             await pipe.execute()
+            held = await self.redis.hgetall(AUTH_REVOKED)
+        stale = []
+        for raw_field, value in held.items():
+            field = raw_field.decode()
+            if field == AUTH_EPOCH_FIELD or field in markers:
+                continue
+            try:
+                at = _decoder.decode(value).at
+            except msgspec.MsgspecError:
+                at = 0.0
+            if at < now - STALE_MARGIN:  # a newer one may be another replica's change in flight
+                stale.append(field)
+        if stale:  # e.g. a user enabled while Redis missed it
+            async with asyncio.timeout(REDIS_TIMEOUT):
+                pipe = self.redis.pipeline(transaction=True)
+                pipe.hdel(AUTH_REVOKED, *stale)
+                pipe.publish(AUTH_CHANNEL, _encoder.encode(AuthChange(kind="resync", at=now)))
+                await pipe.execute()
         self._dirty = False
-        log.info("auth-change markers seeded into redis", extra={"markers": len(markers)})
+        log.info("auth-change markers seeded into redis", extra={"markers": len(markers), "dropped": len(stale)})
 
     async def _loop(self) -> None:
         while True:

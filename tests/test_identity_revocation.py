@@ -1,0 +1,163 @@
+"""A revoked key fails on every gateway within one second: both domain gateways (each with the key
+cached) and the fallback gateway's snapshot authenticator, also when the auth-change subscription
+has dropped or Redis is frozen. The snapshot authenticator keeps serving while Redis is down."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from common.authn import SnapshotAuthenticator
+from common.errors import ApiError
+from identity_support import bearer, internal_tokens, new_key, new_user, paused, redis_client, wait_until
+from stack.local import LocalStack
+
+DEADLINE = 1.0
+
+
+@pytest.fixture
+async def snapshot_auth(stack: LocalStack):
+    """The fallback gateway's authenticator, wired as the fallback gateway wires it."""
+    redis = redis_client(stack)
+    auth = httpx.AsyncClient(base_url=stack.config.url("auth"), timeout=2)
+    authenticator = SnapshotAuthenticator(redis, internal_tokens(stack, "gateway-fallback"), auth_client=auth)
+    await authenticator.start()
+    await wait_until(lambda: _true(authenticator.feed.subscribed), timeout=5, what="snapshot feed subscribed")
+    yield authenticator
+    await authenticator.stop()
+    await auth.aclose()
+    await redis.aclose()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+def _gateway_probes(stack: LocalStack, http: httpx.AsyncClient, snapshot: SnapshotAuthenticator):
+    identity = f"{stack.config.url('gateway-identity')}/v1/users/me"
+    ai = f"{stack.config.url('gateway-ai')}/v1/models"
+
+    async def snapshot_status(key: str) -> int:
+        try:
+            await snapshot.authenticate_token(key)
+            return 200
+        except ApiError as err:
+            return err.status
+
+    return {
+        "gateway-identity": lambda key: _status(http, identity, key),
+        "gateway-ai": lambda key: _status(http, ai, key),
+        "gateway-fallback (snapshot)": snapshot_status,
+    }
+
+
+async def _status(http: httpx.AsyncClient, url: str, key: str) -> int:
+    return (await http.get(url, headers=bearer(key), timeout=5)).status_code
+
+
+async def _seconds_until_refused(probe, key: str, since: float, timeout: float = 5.0) -> float:
+    while True:
+        if await probe(key) == 401:
+            return time.monotonic() - since
+        if time.monotonic() - since > timeout:
+            return float("inf")
+        await asyncio.sleep(0.01)
+
+
+async def _revoke_and_measure(http, admin_headers, probes, key: str, key_id: str) -> dict[str, float]:
+    sent = time.monotonic()
+    resp = await http.delete(f"/v1/keys/{key_id}", headers=admin_headers)
+    assert resp.status_code == 200
+    revoked = time.monotonic()
+    names = list(probes)
+    delays = await asyncio.gather(*(_seconds_until_refused(probes[name], key, revoked) for name in names))
+    print(f"revocation answered in {revoked - sent:.3f}s; refused after",
+          {name: round(delay, 3) for name, delay in zip(names, delays)})
+    return dict(zip(names, delays))
+
+
+async def _warm(probes, key: str) -> None:
+    for name, probe in probes.items():
+        assert await probe(key) == 200, name
+
+
+async def test_a_revoked_key_fails_on_every_gateway_within_one_second(http, admin_headers, stack, snapshot_auth):
+    key, key_id = await new_key(http, admin_headers, await new_user(http, admin_headers))
+    probes = _gateway_probes(stack, http, snapshot_auth)
+    await _warm(probes, key)
+    delays = await _revoke_and_measure(http, admin_headers, probes, key, key_id)
+    assert all(delay < DEADLINE for delay in delays.values()), delays
+
+
+async def test_revocation_still_lands_within_one_second_when_subscriptions_drop(
+        http, admin_headers, stack, snapshot_auth):
+    key, key_id = await new_key(http, admin_headers, await new_user(http, admin_headers))
+    probes = _gateway_probes(stack, http, snapshot_auth)
+    await _warm(probes, key)
+    redis = redis_client(stack)
+    try:
+        killed = await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        assert killed >= 3  # both domain gateways and the snapshot authenticator were listening
+        delays = await _revoke_and_measure(http, admin_headers, probes, key, key_id)
+    finally:
+        await redis.aclose()
+    assert all(delay < DEADLINE for delay in delays.values()), delays
+
+
+async def test_revocation_lands_within_one_second_while_redis_is_frozen(http, admin_headers, stack, snapshot_auth):
+    key, key_id = await new_key(http, admin_headers, await new_user(http, admin_headers))
+    probes = _gateway_probes(stack, http, snapshot_auth)
+    await _warm(probes, key)
+    with paused(stack, "redis"):
+        delays = await _revoke_and_measure(http, admin_headers, probes, key, key_id)
+    assert all(delay < DEADLINE for delay in delays.values()), delays
+    # once Redis is back the markers are re-seeded and the key stays refused everywhere
+    await wait_until(lambda: _true(snapshot_auth.feed.subscribed), timeout=10, what="resubscribed")
+    for name, probe in probes.items():
+        assert await probe(key) == 401, name
+
+
+async def test_a_disabled_user_fails_on_every_gateway_within_one_second(http, admin_headers, stack, snapshot_auth):
+    user_id = await new_user(http, admin_headers)
+    key, _ = await new_key(http, admin_headers, user_id)
+    probes = _gateway_probes(stack, http, snapshot_auth)
+    await _warm(probes, key)
+    assert (await http.post(f"/v1/users/{user_id}/disable", headers=admin_headers)).status_code == 200
+    disabled = time.monotonic()
+    delays = await asyncio.gather(*(_seconds_until_refused(p, key, disabled) for p in probes.values()))
+    assert all(delay < DEADLINE for delay in delays), delays
+    # enabling the user lets the key in again
+    assert (await http.post(f"/v1/users/{user_id}/enable", headers=admin_headers)).status_code == 200
+    await wait_until(lambda: _all_ok(probes, key), timeout=2, what="key accepted again")
+
+
+async def _all_ok(probes, key: str) -> bool:
+    return all([await probe(key) == 200 for probe in probes.values()])
+
+
+async def test_the_snapshot_authenticator_serves_from_memory_while_redis_is_down(
+        http, admin_headers, stack):
+    """The fallback gateway without Redis and without asking the auth service: its memory is enough."""
+    key, key_id = await new_key(http, admin_headers, await new_user(http, admin_headers))
+    stranger, _ = await new_key(http, admin_headers, await new_user(http, admin_headers))
+    assert (await http.get("/v1/users/me", headers=bearer(key))).status_code == 200  # a gateway snapshots it
+    redis = redis_client(stack)
+    # no auth client: the snapshot is all it has
+    authenticator = SnapshotAuthenticator(redis, internal_tokens(stack, "gateway-fallback"), sync_seconds=3600)
+    await authenticator.start()
+    try:
+        await wait_until(lambda: _true(authenticator.feed.subscribed), timeout=5, what="subscribed")
+        await authenticator.sync()
+        with paused(stack, "redis"):
+            await wait_until(lambda: _true(not authenticator.feed.subscribed), timeout=3, what="drop noticed")
+            identity = await authenticator.authenticate_token(key)
+            assert identity.principal.key_id == key_id
+            with pytest.raises(ApiError) as refused:  # never snapshotted: unknown here
+                await authenticator.authenticate_token(stranger)
+            assert refused.value.status == 401
+    finally:
+        await authenticator.stop()
+        await redis.aclose()
