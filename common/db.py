@@ -4,6 +4,7 @@ under its callers, and the lease keeper that renews and rotates Vault-issued cre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -11,9 +12,11 @@ from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
+import hvac.exceptions
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 from yoyo import get_backend, read_migrations
 
+from common.metrics import VAULT_ROTATIONS
 from common.vault import DatabaseLease, Vault, VaultUnavailable, database_role
 
 log = logging.getLogger(__name__)
@@ -147,6 +150,9 @@ class DatabaseCredentials:
         self._task: asyncio.Task | None = None
         self._request_field = f"db:{service}"
         self._seen_request: str | None = None
+        self._rotating: asyncio.Task | None = None
+        self._rescheduled = asyncio.Event()
+        self._again = False
         self.rotations = 0
 
     async def rotate(self, reason: str) -> None:
@@ -158,7 +164,9 @@ class DatabaseCredentials:
             self.lease = new
             now = time.monotonic()
             self._renew_at, self._expires_at = now + new.duration * 2 / 3, now + new.duration
+            self._rescheduled.set()
             self.rotations += 1
+            VAULT_ROTATIONS.labels(self.vault.settings.service, "db").inc()
             log.info("database credentials rotated", extra={"role": self.role, "reason": reason})
             await self._revoke(old)
 
@@ -183,16 +191,26 @@ class DatabaseCredentials:
         else:
             self._renew_at = now + left * 2 / 3
 
+    async def _renew_or_rotate(self) -> None:
+        if not self.lease.renewable or time.monotonic() >= self._expires_at:
+            await self.rotate("lease ended or is not renewable")
+            return
+        try:
+            await self._renew()
+        except VaultUnavailable:
+            raise
+        except hvac.exceptions.VaultError:  # the lease is gone (revoked, or expired while Vault was away)
+            await self.rotate("lease can no longer be renewed")
+
     async def _loop(self) -> None:
         while True:
-            await asyncio.sleep(max(0.5, min(self._renew_at - time.monotonic(), 60.0)))
+            self._rescheduled.clear()
+            with contextlib.suppress(TimeoutError):  # woken early when a rotation set a new schedule
+                await asyncio.wait_for(self._rescheduled.wait(), max(0.2, self._renew_at - time.monotonic()))
             if time.monotonic() < self._renew_at:
                 continue
             try:
-                if self.lease.renewable:
-                    await self._renew()
-                else:
-                    await self.rotate("lease is not renewable")
+                await self._renew_or_rotate()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Vault or Postgres away: keep the current credentials, try again soon
@@ -200,11 +218,26 @@ class DatabaseCredentials:
                 self._renew_at = time.monotonic() + self.RETRY_SECONDS
 
     async def on_rotation_request(self, data: dict[str, str]) -> None:
-        """SecretsRefresher callback for the operator's rotation requests (`db:<service>` -> generation)."""
+        """SecretsRefresher callback for the operator's rotation requests (`db:<service>` -> generation).
+
+        The rotation runs on its own task: the refresher must keep picking up other secrets meanwhile."""
         requested = data.get(self._request_field)
-        if requested is not None and requested != self._seen_request:
-            self._seen_request = requested
-            await self.rotate("operator request")
+        if requested is None or requested == self._seen_request:
+            return
+        self._seen_request = requested
+        self._again = True
+        if self._rotating is None or self._rotating.done():
+            self._rotating = asyncio.create_task(self._rotate_on_request())
+
+    async def _rotate_on_request(self) -> None:
+        while self._again:  # a request that arrived during a rotation gets one of its own
+            self._again = False
+            try:
+                await self.rotate("operator request")
+            except Exception as exc:  # Vault or Postgres away: forget the request so the next refresh retries
+                log.warning("database credential rotation failed; will retry", extra={"error": repr(exc)})
+                self._seen_request = None
+                return
 
     def start(self, rotation_requests: dict[str, str]) -> None:
         # a request older than this process is satisfied by the credentials it started with
@@ -219,10 +252,11 @@ class DatabaseCredentials:
             log.warning("could not revoke the database lease on shutdown", extra={"error": repr(exc)})
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        for task in (self._task, self._rotating):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
 

@@ -23,6 +23,7 @@ import hvac.exceptions
 import requests
 
 from common.app import Degraded
+from common.metrics import VAULT_ROTATIONS
 from common.security import InternalTokens
 from common.settings import Settings
 
@@ -229,6 +230,7 @@ class SecretsRefresher:
             keys, current = parse_versioned(data)
             if keys != tokens.keys or current != tokens.current:
                 log.info("internal token keys changed", extra={"current": current, "versions": sorted(keys)})
+                VAULT_ROTATIONS.labels(self.vault.settings.service, "internal").inc()
                 tokens.update(keys, current)
         self.watch(INTERNAL_KEYS_PATH, apply)
 

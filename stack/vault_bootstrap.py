@@ -47,6 +47,9 @@ REVOCATION_STATEMENTS = [
 ]
 
 
+RENEW_STATEMENTS = ["""ALTER ROLE "{{name}}" VALID UNTIL '{{expiration}}';"""]
+
+
 def _configure_database_engine(client: hvac.Client, config: StackConfig, creds: Credentials) -> None:
     mounts = client.sys.list_mounted_secrets_engines()["data"]
     if f"{DATABASE_MOUNT}/" not in mounts:
@@ -59,9 +62,17 @@ def _configure_database_engine(client: hvac.Client, config: StackConfig, creds: 
                             f"/{database}?sslmode=disable"),
             username=VAULT_DB_ROLE, password=creds.vault_db_password, allowed_roles=[role],
             verify_connection=True, max_open_connections=2)
-        client.write(
-            f"{DATABASE_MOUNT}/roles/{role}", db_name=role, creation_statements=_creation_statements(database),
-            revocation_statements=REVOCATION_STATEMENTS, default_ttl=DB_LEASE_TTL, max_ttl=DB_LEASE_MAX_TTL)
+        write_database_role(client, service)
+
+
+def write_database_role(client: hvac.Client, service: str, default_ttl: str = DB_LEASE_TTL,
+                        max_ttl: str = DB_LEASE_MAX_TTL) -> None:
+    """The role that issues `service` its credentials (renewals move VALID UNTIL with the lease)."""
+    role = database_role(service)
+    client.write(
+        f"{DATABASE_MOUNT}/roles/{role}", db_name=role, creation_statements=_creation_statements(DATABASES[service]),
+        revocation_statements=REVOCATION_STATEMENTS, renew_statements=RENEW_STATEMENTS,
+        default_ttl=default_ttl, max_ttl=max_ttl)
 
 
 def bootstrap(config: StackConfig, creds: Credentials) -> None:

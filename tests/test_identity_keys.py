@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from common.settings import REPO_ROOT
-from identity_support import bearer, new_key, new_user, wait_until
+from common.security import service_principal
+from identity_support import bearer, internal_tokens, new_key, new_user, wait_until
 from stack.local import LocalStack
 
 UNAUTHORIZED = {"error": {"message": "Invalid or missing credentials.", "type": "authentication_error",
@@ -80,6 +81,26 @@ async def test_a_rotated_key_keeps_its_old_secret_for_the_grace_window_then_not(
 
     await wait_until(old_refused_everywhere, timeout=grace_end + 1.0 - time.time(), what="old secret refused")
     assert (await http.get("/v1/users/me", headers=bearer(new))).status_code == 200
+
+
+async def test_introspection_gives_gateways_the_plan_and_the_end_of_a_grace_window(http, admin_headers, stack):
+    user_id = await new_user(http, admin_headers, plan="unlimited")
+    old, key_id = await new_key(http, admin_headers, user_id)
+    rotated = await http.post(f"/v1/keys/{key_id}/rotate", json={"grace_seconds": 600}, headers=admin_headers)
+    new = rotated.json()["key"]
+    tokens = internal_tokens(stack, "gateway-identity")
+    headers = tokens.headers("auth", service_principal("gateway-identity"))
+    answers = {}
+    for name, key in (("old", old), ("new", new)):
+        resp = await http.post(f"{stack.config.url('auth')}/internal/introspect", json={"key": key}, headers=headers)
+        assert resp.status_code == 200, resp.text
+        answers[name] = resp.json()
+    for answer in answers.values():
+        assert (answer["user_id"], answer["key_id"], answer["scopes"]) == (user_id, key_id, ["user"])
+        assert answer["plan"]["name"] == "unlimited" and answer["plan"]["tokens_per_day"] == 1_000_000_000_000
+    assert answers["new"]["expires_at"] is None
+    assert abs(answers["old"]["expires_at"] - (time.time() + 600)) < 30
+    assert answers["new"]["generation"] == answers["old"]["generation"] + 1
 
 
 async def test_a_user_cannot_see_or_touch_another_users_keys_users_or_usage(http, admin_headers):

@@ -15,10 +15,11 @@ import httpx
 import jwt
 
 from common.settings import REPO_ROOT
-from common.vault import DATABASE_MOUNT, database_role
+from common.vault import DATABASE_MOUNT, database_role, unix_time
 from identity_support import bearer, current_creds, new_key, new_user, paused, vault_root, wait_until
 from stack.config import DATABASES
 from stack.local import LocalStack
+from stack.vault_bootstrap import write_database_role
 
 
 def _cli(stack: LocalStack, *args: str) -> subprocess.CompletedProcess:
@@ -160,6 +161,8 @@ async def test_rotating_every_secret_under_load_fails_no_request(http, admin_hea
     assert creds_after.pepper["current"] != creds_before.pepper["current"]
     assert creds_after.internal_keys["current"] != creds_before.internal_keys["current"]
     assert len(load.kids) >= 2  # tokens were signed by the old and then the new transit version
+    published = {k["kid"] for k in (await http.get("/.well-known/jwks.json")).json()["keys"]}
+    assert load.kids <= published  # every version with live tokens is still published
     leases_after = _leases(stack)
     for service in DATABASES:
         assert leases_after[service] and not (leases_after[service] & leases_before[service]), service
@@ -167,3 +170,52 @@ async def test_rotating_every_secret_under_load_fails_no_request(http, admin_hea
 
 async def _at_least(load: Load, count: int) -> bool:
     return sum(load.counts.values()) >= count
+
+
+async def test_a_service_renews_its_database_lease_and_moves_on_before_it_ends(http, admin_headers, stack):
+    """Leases of seconds instead of hours: the users service must renew, then swap to new credentials
+    before the role's max TTL, while requests that need its database never fail."""
+    key, _ = await new_key(http, admin_headers, await new_user(http, admin_headers))
+    client = vault_root(stack)
+    write_database_role(client, "users", default_ttl="4s", max_ttl="9s")
+    failures: list[str] = []
+    served = 0
+    done = asyncio.Event()
+
+    async def load() -> None:
+        nonlocal served
+        while not done.is_set():
+            for headers, path in ((bearer(key), "/v1/users/me"), (admin_headers, "/v1/users")):
+                try:
+                    resp = await http.get(path, headers=headers)
+                    served += 1
+                    if resp.status_code != 200:
+                        failures.append(f"{path}: {resp.status_code} {resp.text[:200]}")
+                except httpx.HTTPError as exc:
+                    failures.append(f"{path}: {exc!r}")
+
+    worker = asyncio.create_task(load())
+    try:
+        assert (await asyncio.to_thread(_cli, stack, "secrets", "rotate", "db", "--service", "users")).returncode == 0
+        (short,) = _leases(stack)["users"]
+        lease_id = f"{DATABASE_MOUNT}/creds/{database_role('users')}/{short}"
+        issued = unix_time(client.sys.read_lease(lease_id)["data"]["issue_time"])
+
+        async def renewed() -> bool:
+            return bool(client.sys.read_lease(lease_id)["data"].get("last_renewal"))
+
+        await wait_until(renewed, timeout=4, interval=0.2, what="the lease renewed")
+
+        async def replaced() -> bool:
+            return short not in _leases(stack)["users"]
+
+        await wait_until(replaced, timeout=12, interval=0.2, what="the lease replaced")
+        assert time.time() - issued < 9  # before the role's max TTL ended it
+        assert _leases(stack)["users"]  # by a new one
+    finally:
+        write_database_role(client, "users")
+        back = await asyncio.to_thread(_cli, stack, "secrets", "rotate", "db", "--service", "users")
+        done.set()
+        await worker
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert failures == [] and served > 20

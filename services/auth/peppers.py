@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 
+from common.metrics import VAULT_ROTATIONS
 from common.vault import PEPPER_PATH, Vault, VaultUnavailable, parse_versioned
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class Peppers:
         keys, current = parse_versioned(data)
         if current != self.current or keys.keys() != self.keys.keys():
             log.info("pepper versions changed", extra={"current": current, "versions": sorted(keys)})
+            VAULT_ROTATIONS.labels(self.vault.settings.service, "pepper").inc()
         self.keys, self.current = keys, current
 
     @property
