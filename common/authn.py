@@ -29,6 +29,7 @@ import enum
 import hashlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 
 import httpx
@@ -375,7 +376,7 @@ class Authenticator:
         self.cache_seconds = cache_seconds
         self.snapshot_max_age = snapshot_max_age
         self._self = service_principal(service)
-        self._cache: dict[bytes, _Cached] = {}
+        self._cache: OrderedDict[bytes, _Cached] = OrderedDict()
         self._inflight: dict[bytes, asyncio.Future[Identity]] = {}
         self.feed = AuthChangeFeed(redis, on_resync=self._cache.clear) if redis is not None else None
         self.jwt = JwtVerifier(self._fetch_jwks, issuer=issuer, audience=audience)
@@ -440,8 +441,9 @@ class Authenticator:
             del self._inflight[digest]
 
     def _remember(self, digest: bytes, principal: KeyPrincipal, cached_at: float) -> None:
+        self._cache.pop(digest, None)
         if len(self._cache) >= MAX_CACHED_KEYS:
-            self._cache.pop(next(iter(self._cache)))  # oldest first: bounded, whatever the key churn
+            self._cache.popitem(last=False)  # oldest first: bounded, whatever the key churn
         self._cache[digest] = _Cached(principal, cached_at, time.monotonic())
 
     async def _lookup(self, token: str, digest: bytes) -> Identity:
@@ -586,7 +588,7 @@ class SnapshotAuthenticator:
         self.max_age = max_age
         self.sync_seconds = sync_seconds
         self._self = service_principal(service)
-        self._mirror: dict[str, SnapshotEntry] = {}
+        self._mirror: OrderedDict[str, SnapshotEntry] = OrderedDict()
         self.feed = AuthChangeFeed(redis, poll=self._poll_changes if auth_client is not None else None,
                                    retention=max_age + 3_600)
         self.jwt = JwtVerifier(self._fetch_jwks, issuer=issuer, audience=audience)
@@ -640,8 +642,9 @@ class SnapshotAuthenticator:
         return entry
 
     def _keep(self, digest: str, entry: SnapshotEntry) -> None:
-        if digest not in self._mirror and len(self._mirror) >= self.MAX_ENTRIES:
-            self._mirror.pop(next(iter(self._mirror)))
+        self._mirror.pop(digest, None)
+        if len(self._mirror) >= self.MAX_ENTRIES:
+            self._mirror.popitem(last=False)
         self._mirror[digest] = entry
 
     async def _introspect_or_refuse(self, token: str, digest: str) -> Identity:
@@ -679,7 +682,11 @@ class SnapshotAuthenticator:
                     if len(fresh) >= self.MAX_ENTRIES:
                         break
         # entries only this process introspected meanwhile stay; Redis wins where both have one
-        self._mirror = {**{d: e for d, e in self._mirror.items() if e.cached_at >= oldest}, **fresh}
+        kept = OrderedDict((d, e) for d, e in self._mirror.items() if e.cached_at >= oldest and d not in fresh)
+        kept.update(fresh)
+        while len(kept) > self.MAX_ENTRIES:
+            kept.popitem(last=False)
+        self._mirror = kept
         with contextlib.suppress(Exception):
             await self.jwt.refresh()
 

@@ -154,15 +154,22 @@ def main(args: argparse.Namespace) -> int:
     if args.service and args.kind != "db":
         print("error: --service applies to `db` only", file=sys.stderr)
         return 2
+    import hvac.exceptions
+    import requests
+
     creds = msgspec.json.decode(config.credentials_file.read_bytes(), type=Credentials)
     client = _client(config, creds)
-    if args.kind == "jwt":
-        rotate_jwt(client)
-    elif args.kind in ("pepper", "internal"):
-        rotate_versioned(client, config, creds, args.kind)
-    else:
-        services = [args.service] if args.service else sorted(DATABASES)
-        return 0 if rotate_db(client, services) else 1
+    try:
+        if args.kind == "jwt":
+            rotate_jwt(client)
+        elif args.kind in ("pepper", "internal"):
+            rotate_versioned(client, config, creds, args.kind)
+        else:
+            services = [args.service] if args.service else sorted(DATABASES)
+            return 0 if rotate_db(client, services) else 1
+    except (hvac.exceptions.VaultError, requests.RequestException) as exc:
+        print(f"error: vault at {config.url('vault')} refused or did not answer: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
