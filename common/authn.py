@@ -14,7 +14,8 @@ Revocation: every cached answer is judged against the auth-change markers (`AUTH
 which `AuthChangeFeed` keeps current from Redis pub/sub. While the feed is subscribed, a change
 reaches this process in milliseconds; while it is not, cached answers live at most
 `UNSUBSCRIBED_TTL` (1 s) and the auth service is asked again, so a revoked key fails everywhere
-within a second either way. On every (re)subscribe the markers are reloaded and caches cleared.
+within a second either way; the markers themselves (which JWTs are checked against) are then
+polled from the auth service. On every (re)subscribe the markers are reloaded and caches cleared.
 
 `Authenticator` serves the domain gateways; `SnapshotAuthenticator` serves the fallback gateway
 from the snapshot mirrored in memory, so it keeps working while Redis or the auth service is down,
@@ -378,7 +379,11 @@ class Authenticator:
         self._self = service_principal(service)
         self._cache: OrderedDict[bytes, _Cached] = OrderedDict()
         self._inflight: dict[bytes, asyncio.Future[Identity]] = {}
-        self.feed = AuthChangeFeed(redis, on_resync=self._cache.clear) if redis is not None else None
+        # while Redis is unreachable the markers come from the auth service, so that tokens (verified
+        # here, never introspected) of a key revoked meanwhile stop too
+        self.feed = AuthChangeFeed(redis, on_resync=self._cache.clear,
+                                   poll=lambda: fetch_auth_changes(client, tokens, self._self),
+                                   retention=snapshot_max_age + 3_600) if redis is not None else None
         self.jwt = JwtVerifier(self._fetch_jwks, issuer=issuer, audience=audience)
 
     async def start(self) -> None:
@@ -531,6 +536,14 @@ class Authenticator:
             return await read_sealed_jwks(self.redis, self.tokens)
 
 
+async def fetch_auth_changes(client: httpx.AsyncClient, tokens: InternalTokens,
+                             caller: Principal) -> dict[str, AuthChange]:
+    """Every current auth-change marker, from the auth service's database (used while Redis is away)."""
+    resp = await client.get("/internal/auth-changes", timeout=1.0, headers=tokens.headers("auth", caller))
+    resp.raise_for_status()
+    return msgspec.json.decode(resp.content, type=dict[str, AuthChange])
+
+
 def seal_entry(tokens: InternalTokens, entry: SnapshotEntry) -> bytes:
     return tokens.seal(_encoder.encode(entry))
 
@@ -589,8 +602,8 @@ class SnapshotAuthenticator:
         self.sync_seconds = sync_seconds
         self._self = service_principal(service)
         self._mirror: OrderedDict[str, SnapshotEntry] = OrderedDict()
-        self.feed = AuthChangeFeed(redis, poll=self._poll_changes if auth_client is not None else None,
-                                   retention=max_age + 3_600)
+        poll = (lambda: fetch_auth_changes(auth_client, tokens, self._self)) if auth_client is not None else None
+        self.feed = AuthChangeFeed(redis, poll=poll, retention=max_age + 3_600)
         self.jwt = JwtVerifier(self._fetch_jwks, issuer=issuer, audience=audience)
         self._sync_task: asyncio.Task | None = None
 
@@ -699,13 +712,6 @@ class SnapshotAuthenticator:
             except Exception as exc:  # Redis away: the mirror keeps serving
                 log.debug("snapshot sync failed", extra={"error": repr(exc)})
             await asyncio.sleep(self.sync_seconds)
-
-    async def _poll_changes(self) -> dict[str, AuthChange]:
-        assert self.auth_client is not None
-        resp = await self.auth_client.get("/internal/auth-changes", timeout=1.0,
-                                          headers=self.tokens.headers("auth", self._self))
-        resp.raise_for_status()
-        return msgspec.json.decode(resp.content, type=dict[str, AuthChange])
 
     async def _fetch_jwks(self) -> bytes:
         try:
