@@ -1,16 +1,20 @@
 """A revoked key fails on every gateway within one second: both domain gateways (each with the key
 cached) and the fallback gateway's snapshot authenticator, also when the auth-change subscription
-has dropped or Redis is frozen. The snapshot authenticator keeps serving while Redis is down."""
+has dropped or Redis is frozen. Cached auth keeps known keys working while Redis or the auth
+service is down, and never lets a revoked one through."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 
 import httpx
+import msgspec
 import pytest
 
-from common.authn import SnapshotAuthenticator
+from common.authn import SnapshotAuthenticator, seal_entry, unseal_entry
+from common.contracts import AUTH_SNAPSHOT
 from common.errors import ApiError
 from identity_support import bearer, internal_tokens, new_key, new_user, paused, redis_client, wait_until
 from stack.local import LocalStack
@@ -169,3 +173,38 @@ async def test_the_snapshot_authenticator_serves_from_memory_while_redis_is_down
     finally:
         await authenticator.stop()
         await redis.aclose()
+
+
+async def test_with_the_auth_service_down_known_keys_keep_working_and_revoked_ones_do_not(
+        http, admin_headers, stack):
+    user_id = await new_user(http, admin_headers)
+    known, known_id = await new_key(http, admin_headers, user_id)
+    revoked, revoked_id = await new_key(http, admin_headers, user_id)
+    never_seen, _ = await new_key(http, admin_headers, user_id)
+    identity_gw = f"{stack.config.url('gateway-identity')}/v1/users/me"
+    ai_gw = f"{stack.config.url('gateway-ai')}/v1/models"
+    for key in (known, revoked):
+        assert await _status(http, identity_gw, key) == 200  # introspected: now in the shared snapshot
+    assert (await http.delete(f"/v1/keys/{revoked_id}", headers=admin_headers)).status_code == 200
+    # the snapshot entry is five minutes old: no gateway trusts it without asking, unless it cannot ask
+    redis = redis_client(stack)
+    tokens = internal_tokens(stack, "gateway-identity")
+    digest = hashlib.sha256(known.encode()).hexdigest()
+    entry = unseal_entry(tokens, await redis.hget(AUTH_SNAPSHOT, digest))
+    assert entry is not None and entry.principal.key_id == known_id
+    aged = msgspec.structs.replace(entry, cached_at=time.time() - 300)
+    await redis.hset(AUTH_SNAPSHOT, digest, seal_entry(tokens, aged))
+    await redis.aclose()
+
+    stack.supervisor.stop("auth")
+    try:
+        assert await _status(http, ai_gw, known) == 200  # never seen by this gateway; the snapshot vouches
+        assert await _status(http, ai_gw, revoked) == 401
+        unseen = await http.get(ai_gw, headers=bearer(never_seen))
+        assert unseen.status_code == 503 and unseen.json()["error"]["code"] == "auth_unavailable"
+        create = await http.post("/v1/keys", json={"name": "x", "user_id": user_id}, headers=admin_headers)
+        assert create.status_code == 503
+    finally:
+        stack.supervisor.start("auth")
+        await asyncio.to_thread(stack.wait_ready, ("auth",), 60)
+    assert await _status(http, ai_gw, never_seen) == 200
