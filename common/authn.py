@@ -121,7 +121,7 @@ class AuthChangeFeed:
 
     PING_INTERVAL = 0.2
     PONG_DEADLINE = 0.5  # with the 1 s cache lifetime after it, a silent drop costs well under a second
-    RETRY_MAX = 2.0
+    RETRY_MAX = 1.0
 
     def __init__(self, redis: Redis, *, on_resync: Callable[[], None] = lambda: None,
                  poll: Callable[[], Awaitable[dict[str, AuthChange]]] | None = None,

@@ -183,15 +183,21 @@ async def test_with_the_auth_service_down_known_keys_keep_working_and_revoked_on
     never_seen, _ = await new_key(http, admin_headers, user_id)
     identity_gw = f"{stack.config.url('gateway-identity')}/v1/users/me"
     ai_gw = f"{stack.config.url('gateway-ai')}/v1/models"
-    for key in (known, revoked):
-        assert await _status(http, identity_gw, key) == 200  # introspected: now in the shared snapshot
-    assert (await http.delete(f"/v1/keys/{revoked_id}", headers=admin_headers)).status_code == 200
-    # the snapshot entry is five minutes old: no gateway trusts it without asking, unless it cannot ask
     redis = redis_client(stack)
     tokens = internal_tokens(stack, "gateway-identity")
+
+    async def snapshotted(key: str):
+        # a gateway writes the snapshot when it introspects while subscribed (it may still be
+        # resubscribing after an earlier test froze Redis)
+        assert await _status(http, identity_gw, key) == 200
+        return unseal_entry(tokens, await redis.hget(AUTH_SNAPSHOT, hashlib.sha256(key.encode()).hexdigest()))
+
+    entry = await wait_until(lambda: snapshotted(known), timeout=10, interval=0.3, what="known key snapshotted")
+    assert entry.principal.key_id == known_id
+    await wait_until(lambda: snapshotted(revoked), timeout=10, interval=0.3, what="revoked key snapshotted")
+    assert (await http.delete(f"/v1/keys/{revoked_id}", headers=admin_headers)).status_code == 200
+    # the snapshot entry is five minutes old: no gateway trusts it without asking, unless it cannot ask
     digest = hashlib.sha256(known.encode()).hexdigest()
-    entry = unseal_entry(tokens, await redis.hget(AUTH_SNAPSHOT, digest))
-    assert entry is not None and entry.principal.key_id == known_id
     aged = msgspec.structs.replace(entry, cached_at=time.time() - 300)
     await redis.hset(AUTH_SNAPSHOT, digest, seal_entry(tokens, aged))
     await redis.aclose()
