@@ -21,7 +21,7 @@ from common.limits import RequestRateLimiter, TokenBudget
 from common.proxy import Hop
 from common.security import InternalTokens
 from common.settings import Settings
-from common.vault import Vault
+from common.vault import SecretsRefresher, Vault
 from fallback.cache import LastKnown, ResponseCache
 from fallback.chatpath import ChatPath
 from fallback.forward import Upstream
@@ -70,6 +70,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
             vault = Vault(settings)
             await vault.login()
             tokens = await vault.internal_tokens()
+            secrets = SecretsRefresher(vault, settings.secrets_refresh_seconds)  # follows internal-key rotation
+            secrets.watch_internal_tokens(tokens)
+            await secrets.start()
+            stack.push_async_callback(secrets.stop)
             redis = redis_client(settings)
             stack.push_async_callback(redis.aclose)
             short = settings.fallback_first_byte_timeout

@@ -16,7 +16,7 @@ from common.limits import RequestRateLimiter, TokenBudget
 from common.proxy import Hop
 from common.security import InternalTokens
 from common.settings import Settings
-from common.vault import Vault
+from common.vault import SecretsRefresher, Vault
 from fallback.cache import LastKnown, ResponseCache
 from fallback.chatpath import ChatPath
 from fallback.forward import Upstream
@@ -59,6 +59,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
             vault = Vault(settings)
             await vault.login()
             tokens = await vault.internal_tokens()
+            secrets = SecretsRefresher(vault, settings.secrets_refresh_seconds)  # follows internal-key rotation
+            secrets.watch_internal_tokens(tokens)
+            await secrets.start()
+            stack.push_async_callback(secrets.stop)
             redis = redis_client(settings)
             stack.push_async_callback(redis.aclose)
             routed = {service for _, service in ROUTES[settings.domain]}
@@ -77,9 +81,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
                                      chain=build_chain(settings, hops, tokens, cache, service_name), cache=cache,
                                      budget=TokenBudget(redis, replicas=settings.gateway_replicas),
                                      initial_hold=settings.initial_token_hold, total_timeout=settings.total_timeout)
+            auth = Authenticator(auth_client, tokens, service_name, redis, issuer=settings.jwt_issuer,
+                                 audience=settings.jwt_audience, cache_seconds=settings.auth_cache_seconds,
+                                 snapshot_max_age=settings.auth_snapshot_max_age)
+            await auth.start()
+            stack.push_async_callback(auth.stop)
             app.state.deps = GatewayDeps(
-                service=service_name, domain=settings.domain, tokens=tokens,
-                auth=Authenticator(auth_client, tokens, service_name), hops=hops,
+                service=service_name, domain=settings.domain, tokens=tokens, auth=auth, hops=hops,
                 upstreams={name: Upstream(audience=name, hop=hops[name]) for name in routed},
                 requests=RequestRateLimiter(redis, "key", replicas=settings.gateway_replicas),
                 last_known=LastKnown(redis), cache=cache, chat_path=chat_path,

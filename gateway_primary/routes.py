@@ -6,15 +6,20 @@ from litestar import HttpMethod, Request, Response, get, route
 from litestar.datastructures import State
 from litestar.response import Stream
 
+from common.authn import Identity
 from common.errors import ApiError, not_found
 from common.proxy import request_body_too_large
+from common.security import service_principal
 from fallback.forward import admit, forward_to
 
 # which service answers which path prefix, per domain
 ROUTES: dict[str, tuple[tuple[str, str], ...]] = {
     "ai": (("/v1/chat/completions", "chat"), ("/v1/conversations", "chat"), ("/v1/models", "models")),
-    "identity": (("/v1/keys", "auth"), ("/v1/auth", "auth"), ("/v1/users", "users"), ("/v1/usage", "users")),
+    "identity": (("/v1/keys", "auth"), ("/v1/auth", "auth"), ("/v1/users", "users"), ("/v1/usage", "users"),
+                 ("/.well-known/jwks.json", "auth")),
 }
+# answered without credentials: public key material
+PUBLIC_PATHS = frozenset({"/.well-known/jwks.json"})
 CHAT_COMPLETIONS = "/v1/chat/completions"
 
 
@@ -25,14 +30,18 @@ def match(domain: str, path: str) -> str | None:
     return None
 
 
-@route("/v1/{path:path}", http_method=[HttpMethod.GET, HttpMethod.POST, HttpMethod.PUT, HttpMethod.PATCH,
-                                       HttpMethod.DELETE])
+@route(["/v1/{path:path}", "/.well-known/{path:path}"],
+       http_method=[HttpMethod.GET, HttpMethod.POST, HttpMethod.PUT, HttpMethod.PATCH, HttpMethod.DELETE])
 async def forward(request: Request, state: State) -> Response | Stream:
     deps = state.deps
     path = request.url.path
     service = match(deps.domain, path)
     if service is None:
         raise not_found(f"No route for {request.method} {path}.", code="unknown_route")
+    if path in PUBLIC_PATHS:  # public key material: no credentials, no per-key limit
+        identity = Identity(service_principal(deps.service))
+        return await forward_to(deps.service, deps.upstreams[service], deps.tokens, deps.last_known, request,
+                                identity, {}, deps.total_timeout)
     identity = await deps.auth.authenticate(request)
     headers = await admit(deps.requests, deps.service, identity, identity.plan.requests_per_min)
     if request_body_too_large(request, deps.max_body_bytes):
