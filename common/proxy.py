@@ -22,6 +22,8 @@ from common.http import HOP_HEADERS, relay
 # Response headers that describe the upstream's framing, not the content.
 _RESPONSE_DROP = HOP_HEADERS | {"content-length", "date", "server", "x-request-id"}
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+UPSTREAM_HEADER = "x-dualgate-upstream"  # on an upstream's own error answer a gateway passes on
+_MAX_ERROR_BODY = 65_536
 
 
 async def open_upstream(client: httpx.AsyncClient, request: Request, url: str, *, body: bytes,
@@ -54,21 +56,33 @@ def may_retry(method: str, headers: object) -> bool:
     return method in SAFE_METHODS or bool(headers.get("idempotency-key"))
 
 
+@dataclass(frozen=True)
+class ErrorAnswer:
+    """A 5xx the upstream itself sent (its own, honest error body), kept for callers that pass it on."""
+
+    status: int
+    headers: dict[str, str]
+    content: bytes
+
+
 class UpstreamUnavailable(Exception):
     """The upstream failed before its first byte (connect error, timeout, 5xx, open circuit)."""
 
-    def __init__(self, upstream: str, reason: str, *, retry_after: float | None = None) -> None:
+    def __init__(self, upstream: str, reason: str, *, retry_after: float | None = None,
+                 answer: ErrorAnswer | None = None) -> None:
         super().__init__(f"{upstream}: {reason}")
         self.upstream = upstream
         self.reason = reason
         self.retry_after = retry_after
+        self.answer = answer  # the upstream's own 5xx answer, when there was one
 
 
 class _AttemptFailed(Exception):
-    def __init__(self, reason: str, *, connect: bool = False) -> None:
+    def __init__(self, reason: str, *, connect: bool = False, answer: ErrorAnswer | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.connect = connect  # the request never left: safe to repeat whatever the method
+        self.answer = answer
 
 
 @dataclass
@@ -131,7 +145,7 @@ class Hop:
         except BreakerOpen as exc:
             raise UpstreamUnavailable(self.name, "circuit open", retry_after=exc.retry_after) from None
         except _AttemptFailed as exc:
-            raise UpstreamUnavailable(self.name, exc.reason) from None
+            raise UpstreamUnavailable(self.name, exc.reason, answer=exc.answer) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _once(self, method: str, url: str, content: bytes, headers: dict[str, str] | None,
@@ -149,6 +163,15 @@ class Hop:
         except httpx.HTTPError as exc:
             raise _AttemptFailed(f"{type(exc).__name__}: {exc}") from None
         if response.status_code >= 500:
-            await response.aclose()
-            raise _AttemptFailed(f"status {response.status_code}")
+            answer = None
+            try:
+                async with asyncio.timeout(self.first_byte_timeout):
+                    content = await response.aread()
+                if len(content) <= _MAX_ERROR_BODY:
+                    answer = ErrorAnswer(response.status_code, response_headers(response), content)
+            except (TimeoutError, httpx.HTTPError):
+                pass
+            finally:
+                await response.aclose()
+            raise _AttemptFailed(f"status {response.status_code}", answer=answer)
         return response

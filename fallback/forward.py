@@ -13,7 +13,7 @@ from common.authn import Identity
 from common.http import forward_headers
 from common.limits import RequestRateLimiter, rate_headers
 from common.metrics import FALLBACKS, RATE_LIMITED
-from common.proxy import Hop, UpstreamUnavailable, may_retry, relay_response, response_headers
+from common.proxy import UPSTREAM_HEADER, Hop, UpstreamUnavailable, may_retry, relay_response, response_headers
 from common.security import INTERNAL_TOKEN_HEADER, InternalTokens
 from fallback.cache import LastKnown
 from fallback.chatpath import deny_requests, read_body
@@ -77,6 +77,10 @@ async def forward_to(service: str, upstream: Upstream, tokens: InternalTokens, l
         if remembered and (answer := await recalled(last_known, service, tenant, read_key(path, query),
                                                     headers)) is not None:
             return answer
+        if failure.answer is not None:  # the service's own error (say, signing unavailable): passed on
+            return Response(failure.answer.content, status_code=failure.answer.status,
+                            headers={**failure.answer.headers, **headers, UPSTREAM_HEADER: failure.upstream},
+                            media_type=failure.answer.headers.get("content-type"))
         return degraded_response(service, f"{failure.upstream} unavailable", headers)
     if remembered and response.status_code == 200:
         content = await read_body(response, total_timeout)

@@ -16,6 +16,13 @@ from fallback.cache import ResponseCache
 from fallback.chain import CachedAnswer, FallbackChain, ModelFallback, SimplifiedModel
 
 
+# The limits' wait on Redis before the in-process share decides. Wider than the kit's default: the
+# wait includes the event loop's own queue, and a burst on a busy loop must not read as Redis being
+# away (the in-process share would then admit more than the shared limit). A refused connection
+# still fails at once; only a hung Redis costs this, once per cooldown.
+LIMITS_REDIS_TIMEOUT = 0.5
+
+
 def redis_client(settings: Settings) -> Redis:
     return Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=0.5)
 

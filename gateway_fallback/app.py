@@ -25,7 +25,7 @@ from common.vault import SecretsRefresher, Vault
 from fallback.cache import LastKnown, ResponseCache
 from fallback.chatpath import ChatPath
 from fallback.forward import Upstream
-from fallback.wiring import build_chain, build_hops, gateway_status, redis_client
+from fallback.wiring import LIMITS_REDIS_TIMEOUT, build_chain, build_hops, gateway_status, redis_client
 from gateway_fallback.routes import route_handlers
 
 AUTH_TIMEOUT = 2.0
@@ -92,12 +92,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
             stack.push_async_callback(cache.drain)
             chat_path = ChatPath(service=service_name, tokens=tokens, chat=hops["chat"],
                                  chain=build_chain(settings, hops, tokens, cache, service_name), cache=cache,
-                                 budget=TokenBudget(redis, replicas=settings.gateway_replicas),
+                                 budget=TokenBudget(redis, replicas=settings.gateway_replicas,
+                                                    timeout=LIMITS_REDIS_TIMEOUT),
                                  initial_hold=settings.initial_token_hold, total_timeout=settings.total_timeout)
             app.state.deps = FallbackDeps(
                 service=service_name, tokens=tokens, auth=auth, hops=hops,
                 upstreams={name: Upstream(audience=name, hop=hops[name]) for name in ("models", "users")},
-                requests=RequestRateLimiter(redis, "fallback-key", replicas=settings.gateway_replicas),
+                requests=RequestRateLimiter(redis, "fallback-key", replicas=settings.gateway_replicas,
+                                            timeout=LIMITS_REDIS_TIMEOUT),
                 rate_share=settings.fallback_rate_share, last_known=LastKnown(redis), cache=cache,
                 chat_path=chat_path, max_body_bytes=settings.max_body_bytes, total_timeout=settings.total_timeout,
             )

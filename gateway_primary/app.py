@@ -20,7 +20,7 @@ from common.vault import SecretsRefresher, Vault
 from fallback.cache import LastKnown, ResponseCache
 from fallback.chatpath import ChatPath
 from fallback.forward import Upstream
-from fallback.wiring import build_chain, build_hops, gateway_status, redis_client
+from fallback.wiring import LIMITS_REDIS_TIMEOUT, build_chain, build_hops, gateway_status, redis_client
 from gateway_primary.routes import ROUTES, route_handlers
 
 AUTH_TIMEOUT = 2.0  # an introspection that takes longer is a failure, not a wait
@@ -79,7 +79,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             if settings.domain == "ai":
                 chat_path = ChatPath(service=service_name, tokens=tokens, chat=hops["chat"],
                                      chain=build_chain(settings, hops, tokens, cache, service_name), cache=cache,
-                                     budget=TokenBudget(redis, replicas=settings.gateway_replicas),
+                                     budget=TokenBudget(redis, replicas=settings.gateway_replicas,
+                                                        timeout=LIMITS_REDIS_TIMEOUT),
                                      initial_hold=settings.initial_token_hold, total_timeout=settings.total_timeout)
             auth = Authenticator(auth_client, tokens, service_name, redis, issuer=settings.jwt_issuer,
                                  audience=settings.jwt_audience, cache_seconds=settings.auth_cache_seconds,
@@ -89,7 +90,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             app.state.deps = GatewayDeps(
                 service=service_name, domain=settings.domain, tokens=tokens, auth=auth, hops=hops,
                 upstreams={name: Upstream(audience=name, hop=hops[name]) for name in routed},
-                requests=RequestRateLimiter(redis, "key", replicas=settings.gateway_replicas),
+                requests=RequestRateLimiter(redis, "key", replicas=settings.gateway_replicas,
+                                            timeout=LIMITS_REDIS_TIMEOUT),
                 last_known=LastKnown(redis), cache=cache, chat_path=chat_path,
                 max_body_bytes=settings.max_body_bytes, total_timeout=settings.total_timeout,
             )

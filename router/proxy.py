@@ -26,6 +26,7 @@ from common.http import HOP_HEADERS
 from common.limits import rate_headers, retry_after
 from common.logging import request_id_var, trace_id_var
 from common.metrics import FAILOVERS, FALLBACKS, RATE_LIMITED
+from common.proxy import UPSTREAM_HEADER
 from common.sse import error_event
 from fallback import DEGRADED_HEADER
 from router.pools import GatewayPool, Member, MemberDown
@@ -104,8 +105,10 @@ async def _try_pool(pool: GatewayPool, method: str, path_qs: str, body: bytes, h
                 except (MemberDown, TimeoutError, aiohttp.ClientError):
                     attempt.failed = True
                     raise
-                # a flagged degraded answer or a limit's 429 comes from a healthy gateway
-                attempt.failed = response.status >= 500 and DEGRADED_HEADER not in response.headers
+                # a flagged degraded answer, an upstream's own error passed on, or a limit's 429 comes
+                # from a healthy gateway: relayed, not failed over
+                attempt.failed = (response.status >= 500 and DEGRADED_HEADER not in response.headers
+                                  and UPSTREAM_HEADER not in response.headers)
         except BreakerOpen:
             raise _Failed("circuit open") from None
         except aiohttp.ClientConnectorError:

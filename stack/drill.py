@@ -37,7 +37,7 @@ from pathlib import Path
 
 import httpx
 
-from stack.config import REPLICA_OF, StackConfig
+from stack.config import DATABASES, REPLICA_OF, StackConfig
 from stack.credentials import Credentials, load_or_create
 from stack.supervisor import Supervisor
 
@@ -349,6 +349,13 @@ class Faults:
                 pass
         for name in self.scenario.stop:
             sup.start(name)
+        if self.scenario.bootstrap_vault:
+            # the restarted dev-mode Vault forgot every lease: database-backed services start again
+            # and take fresh dynamic credentials (not measured: the load has ended)
+            self.stack.wait_ready(("vault",), 60.0)
+            for name in DATABASES:
+                sup.stop(name)
+                sup.start(name)
         self.stack.wait_ready(tuple(self.stack.config.components), 120.0)
         self.settle()
 

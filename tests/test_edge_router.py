@@ -47,6 +47,9 @@ class Gateway:
         mode = self.script.pop(0) if self.script else "ok"
         if mode == "500":
             return web.json_response({"error": {"message": "boom"}}, status=500)
+        if mode == "upstream":
+            return web.json_response({"error": {"message": "signing unavailable", "code": "signing_unavailable"}},
+                                     status=503, headers={"x-dualgate-upstream": "auth"})
         if mode == "degraded":
             return web.json_response({"error": {"message": "chain exhausted", "code": "degraded"}}, status=503,
                                      headers={"x-dualgate-degraded": "degraded", "retry-after": "5"})
@@ -122,6 +125,13 @@ async def test_a_flagged_degraded_answer_is_passed_on_not_replayed_and_not_a_bre
         response = await edge.http.get("/v1/models")
         assert response.status_code == 503 and response.headers["x-dualgate-degraded"] == "degraded"
         assert response.headers["x-dualgate-route"] == "ai"
+    assert edge.fallback.seen == [] and edge.breaker.state == "closed"
+
+
+async def test_a_service_error_the_gateway_passes_on_reaches_the_client_as_it_is(edge):
+    edge.primary.script.append("upstream")
+    response = await edge.http.post("/v1/chat/completions", content=b"{}")
+    assert response.status_code == 503 and response.json()["error"]["code"] == "signing_unavailable"
     assert edge.fallback.seen == [] and edge.breaker.state == "closed"
 
 
