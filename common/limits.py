@@ -29,6 +29,7 @@ from typing import TypeVar
 
 import msgspec
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,12 @@ class RedisCalls:
             raise RedisUnavailable
         try:
             async with asyncio.timeout(self._timeout):
-                result = await call()
+                try:
+                    result = await call()
+                except RedisConnectionError:
+                    # a pooled connection can be stale (the server restarted, or dropped it): one fresh
+                    # try inside the same bound before Redis counts as away for the cooldown
+                    result = await call()
         except (RedisError, OSError) as exc:  # builtin TimeoutError is an OSError
             self._down_until = time.monotonic() + self._cooldown
             if not self._down:

@@ -176,7 +176,8 @@ async def _at_least(load: Load, count: int) -> bool:
 async def test_a_service_renews_its_database_lease_and_moves_on_before_it_ends(http, admin_headers, stack):
     """Leases of seconds instead of hours: the users service must renew, then swap to new credentials
     before the role's max TTL, while requests that need its database never fail."""
-    key, _ = await new_key(http, admin_headers, await new_user(http, admin_headers))
+    # unlimited: the load runs flat out, and the gateways enforce requests/min per key
+    key, _ = await new_key(http, admin_headers, await new_user(http, admin_headers, plan="unlimited"))
     client = vault_root(stack)
     write_database_role(client, "users", default_ttl="4s", max_ttl="9s")
     failures: list[str] = []
