@@ -27,12 +27,11 @@ import argparse
 import asyncio
 import json
 import random
-import statistics
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx

@@ -18,11 +18,8 @@ from common.settings import REPO_ROOT
 from stack.drill import SCENARIOS, make_tenants, run_drill
 from stack.credentials import load_or_create
 
-# rows whose answers (not only honest flags) need work that lands with other issues
+# rows whose answers (not only honest flags) need work that lands with another issue
 NEEDS = {
-    "auth": "gateways keep authenticating with the auth service down only with the identity helper's "
-            "Redis auth cache and SnapshotAuthenticator (issue 3)",
-    "postgres": "auth introspection reads Postgres; cached auth (identity helper, issue 3) keeps keys working",
     "inference": "the simplified model runs on the inference service itself; answers with inference down need "
                  "a second inference replica or a registry fallback model on another engine (issue 4)",
 }
