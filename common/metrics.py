@@ -25,3 +25,16 @@ ENGINE_QUEUE_DEPTH = Gauge("dualgate_engine_queue_depth", "Requests waiting for 
 ENGINE_ACTIVE = Gauge("dualgate_engine_active_sequences", "Sequences being generated", ["engine"])
 EVENTS_PUBLISHED = Counter("dualgate_events_published_total", "Events published to Kafka", ["topic"])
 EVENTS_CONSUMED = Counter("dualgate_events_consumed_total", "Events consumed from Kafka", ["topic", "outcome"])
+
+# ---- AI domain (issue 4) ---------------------------------------------------------------------
+ENGINE_CANCELLED = Counter("dualgate_engine_cancelled_total",
+                           "Sequences dropped because their client went away", ["engine", "stage"])
+ENGINE_BATCH_SIZE = Histogram("dualgate_engine_batch_size", "Sequences advanced together by one decode step",
+                              ["engine"], buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64))
+ENGINE_WORKER_UP = Gauge("dualgate_engine_worker_up", "1 while a runtime worker is in rotation", ["engine", "worker"])
+ENGINE_WORKER_OUTSTANDING = Gauge("dualgate_engine_worker_outstanding", "Requests in flight on a runtime worker",
+                                  ["engine", "worker"])
+ENGINE_WORKER_REQUESTS = Counter("dualgate_engine_worker_requests_total", "Requests sent to a runtime worker",
+                                 ["engine", "worker", "outcome"])
+OUTBOX_PENDING = Gauge("dualgate_outbox_pending", "Turns in the durable spool: not yet published, or published "
+                       "and not yet seen in the database", ["service", "state"])

@@ -63,6 +63,14 @@ class Settings(msgspec.Struct, kw_only=True):
     # models service cache TTL used by the chat service (seconds)
     model_cache_ttl: float = 5.0
 
+    # chat: the durable turn spool (outbox); each chat process uses <spool_dir>/<service>-<port>
+    spool_dir: str = str(REPO_ROOT / ".dualgate" / "spool")
+    outbox_max_pending: int = 20_000  # turns held before the chat service answers 503 (bounded memory)
+
+    # inference: SGLang runtime workers (per-deployment params can override these)
+    sglang_health_interval: float = 1.0
+    sglang_max_outstanding: int = 64  # a worker this busy loses its affinity traffic to the least loaded
+
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: object) -> "Settings":
         env = os.environ if env is None else env
