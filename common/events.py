@@ -65,6 +65,23 @@ class EventPublisher:
         await asyncio.wait_for(self._producer.send_and_wait(topic, value, key=key.encode()), SEND_TIMEOUT)
         EVENTS_PUBLISHED.labels(topic).inc()
 
+    async def publish_many(self, messages: list[tuple[str, str, bytes]]) -> None:
+        """Send (topic, key, value) messages together and wait until the broker has every one (acks=all).
+
+        All or nothing from the caller's view: on any failure it raises, and the caller sends them all
+        again (consumers are idempotent, so a message delivered twice is harmless)."""
+        if self._producer is None:
+            raise KafkaError("producer not connected")
+        producer = self._producer
+
+        async def send_all() -> None:
+            futures = [await producer.send(topic, value, key=key.encode()) for topic, key, value in messages]
+            await asyncio.gather(*futures)
+
+        await asyncio.wait_for(send_all(), SEND_TIMEOUT)
+        for topic, _, _ in messages:
+            EVENTS_PUBLISHED.labels(topic).inc()
+
     async def stop(self) -> None:
         if self._starting and not self._starting.done():
             self._starting.cancel()
