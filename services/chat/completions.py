@@ -65,10 +65,9 @@ class _FallbackWorthy(Exception):
 
 async def chat_completion(request: Request, deps) -> Response | Stream:
     principal = deps.tokens.principal_from(request, AUDIENCE)
-    raw = await request.body()
-    body: ChatCompletionRequest = decode_body(raw, ChatCompletionRequest)
+    body: ChatCompletionRequest = decode_body(await request.body(), ChatCompletionRequest)
     key = _idempotency_key(request)
-    request_hash = hashlib.sha256(raw).hexdigest() if key else ""
+    request_hash = _request_hash(body) if key else ""
     slot = (principal.subject, key) if key else None
     if key:
         stored = await _stored_turn(deps, principal.subject, key)
@@ -114,6 +113,12 @@ async def chat_completion(request: Request, deps) -> Response | Stream:
     finally:
         if slot and not handed_over:
             deps.inflight.pop(slot, None)
+
+
+def _request_hash(body: ChatCompletionRequest) -> str:
+    """What the request asks, whatever its delivery: a stored answer replays streamed or not."""
+    asked = msgspec.structs.replace(body, stream=False, stream_options=None)
+    return hashlib.sha256(msgspec.json.encode(asked)).hexdigest()
 
 
 def _idempotency_key(request: Request) -> str | None:

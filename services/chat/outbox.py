@@ -64,7 +64,7 @@ class _Entry:
 class TurnOutbox:
     def __init__(self, directory: Path, publisher: EventPublisher, settled: Settled, *, service: str = "chat",
                  max_pending: int = 20_000, segment_bytes: int = 4 << 20, batch: int = 64,
-                 confirm_after: float = 0.3, republish_after: float = 30.0) -> None:
+                 confirm_after: float = 0.3, republish_after: float = 10.0) -> None:
         self.directory = Path(directory)
         self.publisher = publisher
         self.settled = settled
@@ -91,6 +91,7 @@ class TurnOutbox:
         self._io_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._stopping = False
         OUTBOX_PENDING.labels(service, "unpublished").set_function(lambda: len(self._unpublished))
         OUTBOX_PENDING.labels(service, "unconfirmed").set_function(lambda: len(self._published))
 
@@ -113,11 +114,13 @@ class TurnOutbox:
         while self._unpublished and self.publisher.connected and time.monotonic() < deadline:
             self._wake.set()
             await asyncio.sleep(0.05)
+        # a flag as well as cancel(): on 3.11 a cancel landing as wait_for times out can be swallowed
+        self._stopping = True
+        self._wake.set()
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=2.0)
         if self._flushing:
             with contextlib.suppress(Exception):
                 await self._flushing
@@ -300,11 +303,11 @@ class TurnOutbox:
 
     async def _publish_forever(self) -> None:
         delay = 0.2
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 1.0)
             self._wake.clear()
-            while self._unpublished:
+            while self._unpublished and not self._stopping:
                 batch = [self._unpublished.popleft() for _ in range(min(self.batch, len(self._unpublished)))]
                 batch = [e for e in batch if e.record.turn.turn_id in self._entries]
                 messages = []
@@ -330,7 +333,7 @@ class TurnOutbox:
                     self._published.move_to_end(entry.record.turn.turn_id)
 
     async def _confirm_forever(self, interval: float = 0.25) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(interval)
             now = time.monotonic()
             due = []
