@@ -28,6 +28,12 @@ log = logging.getLogger(__name__)
 
 ReadinessCheck = Callable[[], Awaitable[object]]
 READINESS_TIMEOUT = 1.0
+DEGRADED_PREFIX = "degraded: "
+
+
+class Degraded(Exception):
+    """Raised by a readiness check whose dependency is down while the service still serves (on cached
+    secrets, say): /readyz answers 200 with status "degraded" and names it."""
 
 
 def new_request_id() -> str:
@@ -100,8 +106,11 @@ def create_service_app(
     @get("/readyz", include_in_schema=False)
     async def readyz(state: State) -> Response:
         checks = readiness(state) if readiness else {}
-        failing = await run_readiness_checks(checks)
-        body = {"status": "ready" if not failing else "unready", "service": settings.service, "failing": failing}
+        results = await run_readiness_checks(checks)
+        failing = {k: v for k, v in results.items() if not v.startswith(DEGRADED_PREFIX)}
+        degraded = {k: v.removeprefix(DEGRADED_PREFIX) for k, v in results.items() if k not in failing}
+        status = "unready" if failing else "degraded" if degraded else "ready"
+        body = {"status": status, "service": settings.service, "failing": failing, "degraded": degraded}
         return Response(content=msgspec.json.encode(body), status_code=200 if not failing else 503,
                         media_type="application/json")
 
@@ -129,6 +138,8 @@ async def run_readiness_checks(checks: dict[str, ReadinessCheck]) -> dict[str, s
             return None
         except TimeoutError:
             return "timeout"
+        except Degraded as exc:
+            return f"{DEGRADED_PREFIX}{exc}"[:200]
         except Exception as exc:  # any failure makes the dependency unready; say which
             return f"{type(exc).__name__}: {exc}"[:200]
 

@@ -55,23 +55,73 @@ class KeyPrincipal(msgspec.Struct, kw_only=True):
     plan: PlanLimits = DEFAULT_PLAN
     # set while a rotated-away secret is in its grace window: the key stops working at this unix time
     expires_at: float | None = None
+    # which secret of the key matched: 0 for the first, +1 per rotation (see AuthChange key_rotated)
+    generation: int = 0
 
 
 # ---- auth changes, broadcast to every gateway (Redis) ---------------------------------------
-# Revocation must reach every gateway within 1 s: the auth service publishes each change on
-# AUTH_CHANNEL and records it in AUTH_REVOKED (a hash: "key:<key id>" or "user:<user id>" -> unix
-# time), which gateways consult when they (re)subscribe and the fallback gateway's snapshot obeys.
+# Revocation must reach every gateway within 1 s: the auth service (the one writer; its database
+# holds the durable copy) records each change in AUTH_REVOKED, a hash of markers
+# (`marker_field(change)` -> AuthChange JSON):
+#   "key:<key id>"      key_revoked   the key never passes again
+#   "user:<user id>"    user_disabled none of the user's keys or tokens pass (removed on user_enabled)
+#   "rotated:<key id>"  key_rotated   secrets of `generation` pass; generation - 1 until `grace_until`
+#   "plan:<user id>"    plan_changed  cached principals older than `at` carry a stale plan
+# and then publishes it on AUTH_CHANNEL. Gateways load the hash whenever they (re)subscribe and
+# judge every cached principal against it, so a missed message cannot let a revoked key through.
+# AUTH_EPOCH_FIELD marks a complete hash: when Redis loses it (restart), the auth service re-seeds
+# every marker from its database and publishes a `resync` change.
 AUTH_CHANNEL = "dualgate:auth:changes"
 AUTH_REVOKED = "dualgate:auth:revoked"
-# the fallback gateway's snapshot of valid keys: a hash sha256(full key) hex -> KeyPrincipal JSON
+AUTH_EPOCH_FIELD = "__epoch"
+# the fallback gateway's snapshot of valid keys: a hash sha256(full key) hex -> SnapshotEntry JSON,
+# written by the gateways after each successful introspection
 AUTH_SNAPSHOT = "dualgate:auth:snapshot"
+# the auth service's JWKS (JSON), for verifiers that cannot reach the auth service
+AUTH_JWKS = "dualgate:auth:jwks"
 
 
 class AuthChange(msgspec.Struct, kw_only=True):
-    kind: str  # key_revoked | key_rotated | user_disabled | user_enabled | plan_changed
+    kind: str  # key_revoked | key_rotated | user_disabled | user_enabled | plan_changed | resync
     key_id: str | None = None
     user_id: str | None = None
     at: float = 0.0
+    generation: int | None = None  # key_rotated: the key's new secret generation
+    grace_until: float | None = None  # key_rotated: when the previous secret stops working
+
+
+def marker_field(change: AuthChange) -> str | None:
+    """The AUTH_REVOKED field a change is recorded under (None: it leaves no marker)."""
+    if change.kind == "key_revoked" and change.key_id:
+        return f"key:{change.key_id}"
+    if change.kind in ("user_disabled", "user_enabled") and change.user_id:
+        return f"user:{change.user_id}"
+    if change.kind == "key_rotated" and change.key_id:
+        return f"rotated:{change.key_id}"
+    if change.kind == "plan_changed" and change.user_id:
+        return f"plan:{change.user_id}"
+    return None
+
+
+class SnapshotEntry(msgspec.Struct, kw_only=True):
+    """One AUTH_SNAPSHOT value: a principal as introspection returned it, and when (unix time)."""
+
+    principal: KeyPrincipal
+    cached_at: float
+
+
+class AuditEvent(msgspec.Struct, kw_only=True):
+    """One security-relevant action, published to audit.events.v1 keyed by actor."""
+
+    schema_version: int = 1
+    event_id: str
+    action: str  # key.created | key.rotated | key.revoked | token.issued | auth.failed | user.* | ...
+    actor: str  # a user id, "service:<name>", or "anonymous"
+    target: str | None = None  # what the action was on (a key id, a user id)
+    outcome: str = "ok"  # ok | denied
+    request_id: str = ""
+    detail: dict[str, str] = {}
+    at: float
 
 
 class TurnEvent(msgspec.Struct, kw_only=True):

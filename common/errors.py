@@ -62,6 +62,7 @@ def unavailable(message: str, retry_after: int = 5, code: str = "service_unavail
 
 
 _PARAM_RE = re.compile(r"at `\$\.?([^`]*)`")
+_MISSING_RE = re.compile(r"missing required field `([^`]*)`")
 
 
 def decode_body(body: bytes, schema: type[msgspec.Struct]):
@@ -74,6 +75,8 @@ def decode_body(body: bytes, schema: type[msgspec.Struct]):
         text = str(exc)
         match = _PARAM_RE.search(text)
         param = match.group(1) if match else None
+        if param is None and (missing := _MISSING_RE.search(text)):  # a top-level field is missing
+            param = missing.group(1)
         raise ApiError(400, text, param=param or None, code="invalid_value") from None
     except msgspec.DecodeError as exc:
         raise ApiError(400, f"Request body is not valid JSON: {exc}", code="invalid_json") from None

@@ -1,25 +1,35 @@
-"""The start-up every database-backed service shares: Vault login, internal-token keys, migrated pool."""
+"""The start-up every database-backed service shares: Vault login, internal-token keys that follow
+rotation, and a migrated pool on dynamic credentials from Vault's database engine."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg
+import hvac.exceptions
 
-from common.db import open_database
+from common.db import Database, DatabaseCredentials, open_database, with_credentials
 from common.security import InternalTokens
 from common.settings import Settings
-from common.vault import Vault
+from common.vault import ROTATION_PATH, SecretsRefresher, Vault, database_role
 
 
 @dataclass
 class ServiceBasics:
     vault: Vault
     tokens: InternalTokens
-    pool: asyncpg.Pool
+    pool: Database
+    secrets: SecretsRefresher  # running; add watches for further rotating secrets (the auth pepper)
+    credentials: DatabaseCredentials | None  # None when DUALGATE_DB_CREDENTIALS=url
+
+
+async def _rotation_requests(vault: Vault) -> dict[str, str]:
+    try:
+        return await vault.read_kv(ROTATION_PATH)
+    except hvac.exceptions.InvalidPath:
+        return {}
 
 
 @asynccontextmanager
@@ -27,8 +37,25 @@ async def service_basics(settings: Settings, migrations: Path) -> AsyncIterator[
     vault = Vault(settings)
     await vault.login()
     tokens = await vault.internal_tokens()
-    pool = await open_database(settings.database_url, migrations)
-    try:
-        yield ServiceBasics(vault=vault, tokens=tokens, pool=pool)
-    finally:
-        await pool.close()
+    secrets = SecretsRefresher(vault, settings.secrets_refresh_seconds)
+    secrets.watch_internal_tokens(tokens)
+    async with AsyncExitStack() as stack:
+        # unwound in reverse: stop renewing, close the pool, then give the credentials back
+        credentials = None
+        if settings.db_credentials == "vault":
+            lease = await vault.database_credentials(database_role(settings.service))
+            database = await open_database(with_credentials(settings.database_url, lease.username, lease.password),
+                                           migrations)
+            credentials = DatabaseCredentials(vault, database, settings.service, settings.database_url, lease)
+            stack.push_async_callback(credentials.release)
+            stack.push_async_callback(database.close)
+            requests = await _rotation_requests(vault)
+            credentials.start(requests)
+            stack.push_async_callback(credentials.stop)
+            secrets.watch(ROTATION_PATH, credentials.on_rotation_request, initial=requests)
+        else:
+            database = await open_database(settings.database_url, migrations)
+            stack.push_async_callback(database.close)
+        await secrets.start()
+        stack.push_async_callback(secrets.stop)
+        yield ServiceBasics(vault=vault, tokens=tokens, pool=database, secrets=secrets, credentials=credentials)

@@ -25,6 +25,12 @@ ENGINE_QUEUE_DEPTH = Gauge("dualgate_engine_queue_depth", "Requests waiting for 
 ENGINE_ACTIVE = Gauge("dualgate_engine_active_sequences", "Sequences being generated", ["engine"])
 EVENTS_PUBLISHED = Counter("dualgate_events_published_total", "Events published to Kafka", ["topic"])
 EVENTS_CONSUMED = Counter("dualgate_events_consumed_total", "Events consumed from Kafka", ["topic", "outcome"])
+AUTH_LOOKUPS = Counter(
+    "dualgate_auth_lookups_total", "Credentials checked at a gateway, by where the answer came from",
+    ["service", "source"],  # memory | snapshot | introspection | stale | jwt
+)
+AUTH_FAILURES = Counter("dualgate_auth_failures_total", "Credentials refused at a gateway", ["service", "reason"])
+VAULT_ROTATIONS = Counter("dualgate_secret_rotations_total", "Rotated secrets a process picked up", ["service", "secret"])
 
 # ---- AI domain (issue 4) ---------------------------------------------------------------------
 ENGINE_CANCELLED = Counter("dualgate_engine_cancelled_total",

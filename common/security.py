@@ -18,6 +18,7 @@ API_KEY_PREFIX = "dg-"
 INTERNAL_TOKEN_HEADER = "x-dualgate-token"
 INTERNAL_ISSUER = "dualgate-internal"
 INTERNAL_ALGORITHM = "HS256"  # pinned: tokens with any other alg are rejected
+JWT_ALGORITHM = "EdDSA"  # user JWTs: ed25519 via Vault transit; pinned the same way
 
 
 # ---- API keys ------------------------------------------------------------------------
@@ -25,8 +26,16 @@ INTERNAL_ALGORITHM = "HS256"  # pinned: tokens with any other alg are rejected
 def generate_api_key() -> tuple[str, str, str]:
     """Return (full key, key id, secret). The secret is shown once, never stored."""
     key_id = secrets.token_hex(8)
-    secret = secrets.token_urlsafe(32)
-    return f"{API_KEY_PREFIX}{key_id}-{secret}", key_id, secret
+    secret = new_secret()
+    return api_key(key_id, secret), key_id, secret
+
+
+def new_secret() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def api_key(key_id: str, secret: str) -> str:
+    return f"{API_KEY_PREFIX}{key_id}-{secret}"
 
 
 def parse_api_key(key: str) -> tuple[str, str] | None:
@@ -51,6 +60,11 @@ def secret_matches(pepper: bytes, secret: str, stored_hash: str) -> bool:
     return hmac.compare_digest(hash_secret(pepper, secret), stored_hash)
 
 
+def looks_like_jwt(token: str) -> bool:
+    """A compact JWS (header.payload.signature) rather than a `dg-` API key."""
+    return token.count(".") == 2 and not token.startswith(API_KEY_PREFIX)
+
+
 def bearer_token(request: Request) -> str | None:
     value = request.headers.get("authorization", "")
     scheme, _, token = value.partition(" ")
@@ -65,6 +79,7 @@ class Principal(msgspec.Struct, frozen=True):
     subject: str  # user id, or "service:<name>" for a service acting for itself
     scopes: tuple[str, ...] = ()
     key_id: str | None = None
+    via: str = "key"  # how the caller proved it: key (API key) | jwt | service
 
     @property
     def is_admin(self) -> bool:
@@ -103,6 +118,7 @@ class InternalTokens:
             "sub": principal.subject,
             "scp": list(principal.scopes),
             "kid": principal.key_id,
+            "via": principal.via,
             "iat": int(now),
             "exp": int(now) + self.ttl,
         }
@@ -112,6 +128,31 @@ class InternalTokens:
             self._cache.clear()
         self._cache[cache_key] = (token, now + self.ttl / 2)
         return token
+
+    def update(self, keys: dict[str, bytes], current: str) -> None:
+        """Take a new key set from Vault (rotation): every listed version verifies, `current` signs."""
+        if current not in keys:
+            raise ValueError(f"current internal key {current!r} is not among the keys")
+        if current != self.current:
+            self._cache.clear()  # stop handing out tokens signed with the previous version
+        self.keys = dict(keys)
+        self.current = current
+
+    def seal(self, payload: bytes) -> bytes:
+        """`payload` with an HMAC under the current key, so a reader can trust data that crossed a
+        shared store (Redis): whoever can write there cannot forge what gateways admit."""
+        mac = hmac.new(self.keys[self.current], payload, hashlib.sha256).hexdigest()
+        return f"{self.current}.{mac}.".encode() + payload
+
+    def unseal(self, blob: bytes) -> bytes | None:
+        """The payload of a sealed blob; None when it was not sealed by a known key version."""
+        version, _, rest = blob.partition(b".")
+        mac, _, payload = rest.partition(b".")
+        key = self.keys.get(version.decode(errors="replace"))
+        if key is None:
+            return None
+        expected = hmac.new(key, payload, hashlib.sha256).hexdigest().encode()
+        return payload if hmac.compare_digest(mac, expected) else None
 
     def headers(self, audience: str, principal: Principal) -> dict[str, str]:
         return {INTERNAL_TOKEN_HEADER: self.mint(audience, principal)}
@@ -130,7 +171,8 @@ class InternalTokens:
             )
         except jwt.PyJWTError:
             raise unauthorized() from None
-        return Principal(subject=claims["sub"], scopes=tuple(claims.get("scp") or ()), key_id=claims.get("kid"))
+        return Principal(subject=claims["sub"], scopes=tuple(claims.get("scp") or ()), key_id=claims.get("kid"),
+                         via=claims.get("via") or "key")
 
     def principal_from(self, request: Request, audience: str) -> Principal:
         return self.verify(request.headers.get(INTERNAL_TOKEN_HEADER), audience)
@@ -140,4 +182,4 @@ SERVICE_SCOPES = ("service",)
 
 
 def service_principal(name: str) -> Principal:
-    return Principal(subject=f"service:{name}", scopes=SERVICE_SCOPES)
+    return Principal(subject=f"service:{name}", scopes=SERVICE_SCOPES, via="service")

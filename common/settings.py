@@ -63,6 +63,16 @@ class Settings(msgspec.Struct, kw_only=True):
     # models service cache TTL used by the chat service (seconds)
     model_cache_ttl: float = 5.0
 
+    # identity: secrets, tokens, caches (issue 3)
+    db_credentials: str = "vault"  # vault: dynamic credentials from Vault's database engine | url: as given
+    secrets_refresh_seconds: float = 2.0  # how often a process re-reads rotating secrets from Vault
+    jwt_issuer: str = "dualgate-auth"
+    jwt_audience: str = "dualgate-api"
+    jwt_ttl_seconds: int = 900
+    key_grace_seconds: int = 86_400  # default grace for a rotated key's previous secret
+    auth_cache_seconds: float = 10.0  # gateways' in-process key cache while subscribed to auth changes
+    auth_snapshot_max_age: float = 86_400.0  # oldest cached principal a gateway may fall back on
+
     # chat: the durable turn spool (outbox); each chat process uses <spool_dir>/<service>-<port>
     spool_dir: str = str(REPO_ROOT / ".dualgate" / "spool")
     outbox_max_pending: int = 20_000  # turns held before the chat service answers 503 (bounded memory)

@@ -10,10 +10,11 @@ from litestar import HttpMethod, Request, Response, route
 from litestar.datastructures import State
 from litestar.response import Stream
 
+from common.authn import Identity
 from common.errors import ApiError, not_found
 from common.http import forward_headers
 from common.proxy import open_upstream, relay_response, request_body_too_large
-from common.security import INTERNAL_TOKEN_HEADER
+from common.security import INTERNAL_TOKEN_HEADER, service_principal
 from fallback import degraded_response
 
 log = logging.getLogger(__name__)
@@ -21,8 +22,11 @@ log = logging.getLogger(__name__)
 # which service answers which path prefix, per domain
 ROUTES: dict[str, tuple[tuple[str, str], ...]] = {
     "ai": (("/v1/chat/completions", "chat"), ("/v1/conversations", "chat"), ("/v1/models", "models")),
-    "identity": (("/v1/keys", "auth"), ("/v1/auth", "auth"), ("/v1/users", "users"), ("/v1/usage", "users")),
+    "identity": (("/v1/keys", "auth"), ("/v1/auth", "auth"), ("/v1/users", "users"), ("/v1/usage", "users"),
+                 ("/.well-known/jwks.json", "auth")),
 }
+# answered without credentials: public key material
+PUBLIC_PATHS = frozenset({"/.well-known/jwks.json"})
 _DROP_REQUEST_HEADERS = frozenset({"authorization", "cookie", INTERNAL_TOKEN_HEADER})
 
 
@@ -39,14 +43,17 @@ def match(domain: str, path: str) -> str | None:
     return None
 
 
-@route("/v1/{path:path}", http_method=[HttpMethod.GET, HttpMethod.POST, HttpMethod.PUT, HttpMethod.PATCH,
-                                       HttpMethod.DELETE])
+@route(["/v1/{path:path}", "/.well-known/{path:path}"],
+       http_method=[HttpMethod.GET, HttpMethod.POST, HttpMethod.PUT, HttpMethod.PATCH, HttpMethod.DELETE])
 async def forward(request: Request, state: State) -> Response | Stream:
     deps = state.deps
     service = match(deps.domain, request.url.path)
     if service is None:
         raise not_found(f"No route for {request.method} {request.url.path}.", code="unknown_route")
-    identity = await deps.auth.authenticate(request)
+    if request.url.path in PUBLIC_PATHS:
+        identity = Identity(service_principal(deps.service))
+    else:
+        identity = await deps.auth.authenticate(request)
     if request_body_too_large(request, deps.max_body_bytes):
         raise ApiError(413, "Request body too large.", code="request_too_large")
     body = await request.body()

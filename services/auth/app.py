@@ -1,7 +1,10 @@
-"""Auth service: API keys (HMAC under a Vault-held pepper) and key introspection for gateways."""
+"""Auth service: API keys (HMAC under a Vault-held pepper), JWTs signed by Vault transit, key
+introspection and the auth-change feed for gateways, the audit log."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import secrets
 from contextlib import asynccontextmanager
@@ -9,16 +12,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from litestar import Litestar
+from redis.asyncio import Redis
 
 from common.app import create_service_app
+from common.audit import AuditLog
+from common.contracts import AUDIT_TOPIC
 from common.db import ping
-from common.lifespan import service_basics
+from common.events import EventPublisher, consume_forever
 from common.http import upstream_client
+from common.lifespan import service_basics
 from common.security import InternalTokens, hash_secret, parse_api_key
 from common.settings import Settings
-from common.vault import PEPPER_PATH
+from common.vault import PEPPER_PATH, Vault, parse_versioned
+from services.auth.changes import AuthChanges
+from services.auth.events import AUDIT_GROUP, audit_writer
+from services.auth.peppers import Peppers
 from services.auth.routes import route_handlers
-from services.auth.store import KeyStore
+from services.auth.signing import JwtSigner
+from services.auth.store import AuditStore, KeyStore, MarkerStore
 from services.auth.users_client import UsersClient
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -28,11 +39,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class AuthDeps:
+    settings: Settings
+    vault: Vault
     tokens: InternalTokens
     store: KeyStore
+    audit_store: AuditStore
     users: UsersClient
-    peppers: dict[str, bytes]
-    pepper_version: str
+    peppers: Peppers
+    changes: AuthChanges
+    signer: JwtSigner
+    audit: AuditLog
     decoy_pepper: bytes = field(default_factory=lambda: secrets.token_bytes(32))
 
 
@@ -43,8 +59,14 @@ async def bootstrap_admin_key(deps: AuthDeps, key: str) -> None:
         raise ValueError("DUALGATE_BOOTSTRAP_ADMIN_KEY is not a dg-<key id>-<secret> key")
     key_id, secret = parsed
     await deps.store.upsert_bootstrap(
-        key_id=key_id, user_id=ADMIN_USER_ID, secret_hash=hash_secret(deps.peppers[deps.pepper_version], secret),
-        pepper_version=deps.pepper_version, scopes=["admin", "user"])
+        key_id=key_id, user_id=ADMIN_USER_ID, secret_hash=hash_secret(deps.peppers.current_key, secret),
+        pepper_version=deps.peppers.current, scopes=["admin", "user"])
+
+
+async def _cancel(task: asyncio.Task) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
@@ -52,18 +74,40 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     @asynccontextmanager
     async def lifespan(app: Litestar):
-        async with service_basics(settings, MIGRATIONS) as basics, \
-                upstream_client(settings, settings.users_url, read_timeout=2.0) as users_http:
-            peppers, pepper_version = await basics.vault.versioned_keys(PEPPER_PATH)
-            deps = AuthDeps(tokens=basics.tokens, store=KeyStore(basics.pool),
-                            users=UsersClient(users_http, basics.tokens), peppers=peppers,
-                            pepper_version=pepper_version)
+        async with contextlib.AsyncExitStack() as stack:
+            basics = await stack.enter_async_context(service_basics(settings, MIGRATIONS))
+            users_http = await stack.enter_async_context(
+                upstream_client(settings, settings.users_url, read_timeout=2.0))
+            redis = Redis.from_url(settings.redis_url, socket_connect_timeout=0.5, socket_timeout=1.0)
+            stack.push_async_callback(redis.aclose)
+            publisher = EventPublisher(settings.kafka_bootstrap, client_id="auth")
+            await publisher.start()
+            stack.push_async_callback(publisher.stop)
+
+            pepper_data = await basics.vault.read_kv(PEPPER_PATH)
+            peppers = Peppers(basics.vault, *parse_versioned(pepper_data))
+            basics.secrets.watch(PEPPER_PATH, peppers.apply, initial=pepper_data)
+            changes = AuthChanges(MarkerStore(basics.pool), redis, retention=settings.auth_snapshot_max_age + 3_600)
+            signer = JwtSigner(basics.vault, basics.tokens, redis, issuer=settings.jwt_issuer,
+                               audience=settings.jwt_audience, max_ttl=settings.jwt_ttl_seconds)
+            audit = AuditLog(publisher, settings.service)
+            audit_store = AuditStore(basics.pool)
+            deps = AuthDeps(settings=settings, vault=basics.vault, tokens=basics.tokens, store=KeyStore(basics.pool),
+                            audit_store=audit_store, users=UsersClient(users_http, basics.tokens),
+                            peppers=peppers, changes=changes, signer=signer, audit=audit)
             if settings.bootstrap_admin_key:
                 await bootstrap_admin_key(deps, settings.bootstrap_admin_key)
+            for part in (changes, signer, audit):
+                await part.start()
+                stack.push_async_callback(part.stop)
+            # the audit log's writer: one long-lived consumer group
+            writer = asyncio.create_task(consume_forever(
+                settings.kafka_bootstrap, AUDIT_TOPIC, AUDIT_GROUP, audit_writer(audit_store), publisher))
+            stack.push_async_callback(_cancel, writer)
             app.state.deps = deps
             yield
 
     def readiness(state):
-        return {"postgres": lambda: ping(state.deps.store.pool)}
+        return {"postgres": lambda: ping(state.deps.store.pool), "vault": state.deps.vault.health}
 
     return create_service_app(settings, route_handlers=route_handlers, readiness=readiness, lifespan=lifespan)

@@ -1,17 +1,51 @@
-"""API keys: create (secret shown once), list, revoke; introspection for the gateways."""
+"""API keys (create: secret shown once; list; revoke; rotate with a grace window), JWTs bought with a
+key, the JWKS, introspection and the auth-change feed for gateways, and the audit log for admins."""
 
 from __future__ import annotations
 
-from litestar import Request, delete, get, post
-from litestar.datastructures import State
+import time
+from typing import Annotated
 
-from common.contracts import IntrospectRequest, KeyPrincipal
-from common.errors import ApiError, decode_body, not_found, unauthorized
-from common.security import generate_api_key, hash_secret, parse_api_key, secret_matches
-from services.auth.schemas import CreatedKey, CreateKey, KeyList
+import msgspec
+from litestar import Request, Response, delete, get, post
+from litestar.datastructures import State
+from litestar.params import Parameter
+
+from common.contracts import AuthChange, IntrospectRequest, KeyPrincipal
+from common.errors import ApiError, decode_body, not_found, unauthorized, unavailable
+from common.security import (
+    Principal, api_key, generate_api_key, hash_secret, new_secret, parse_api_key, secret_matches,
+)
+from common.vault import VaultUnavailable
+from services.auth.schemas import (
+    AuditList, CreatedKey, CreateKey, KeyInfo, KeyList, RotateKey, TokenRequest, TokenResponse,
+)
 
 AUDIENCE = "auth"
+NO_HASH = "0" * 64
+# the only service that may report user changes (disable/enable, plan) into the auth-change feed
+USER_CHANGE_KINDS = frozenset({"user_disabled", "user_enabled", "plan_changed"})
 
+
+def _caller(request: Request, state: State) -> Principal:
+    return state.deps.tokens.principal_from(request, AUDIENCE)
+
+
+def _deny(deps, key_id: str | None, reason: str) -> ApiError:
+    # the audit log says why; the caller only ever hears "invalid credentials"
+    deps.audit.record("auth.failed", actor="anonymous", target=key_id, outcome="denied", detail={"reason": reason})
+    return unauthorized()
+
+
+def _key_not_found() -> ApiError:
+    return not_found("No such key.", code="key_not_found")
+
+
+def _valid_key_id(key_id: str) -> bool:
+    return len(key_id) == 16 and all(c in "0123456789abcdef" for c in key_id)
+
+
+# ---- introspection and the auth-change feed (gateways) -----------------------------------------
 
 @post("/internal/introspect", status_code=200)
 async def introspect(request: Request, state: State) -> KeyPrincipal:
@@ -20,20 +54,63 @@ async def introspect(request: Request, state: State) -> KeyPrincipal:
     body: IntrospectRequest = decode_body(await request.body(), IntrospectRequest)
     parsed = parse_api_key(body.key)
     if parsed is None:
-        raise unauthorized()
+        raise _deny(deps, None, "malformed key")
     key_id, secret = parsed
     row = await deps.store.credentials(key_id)
-    pepper = deps.peppers.get(row["pepper_version"]) if row else None
-    # compare even for unknown keys so timing does not tell a guesser which part was wrong
-    if not secret_matches(pepper or deps.decoy_pepper, secret, row["secret_hash"] if row else "0" * 64) or not row:
-        raise unauthorized()
-    return KeyPrincipal(user_id=row["user_id"], key_id=row["key_id"], scopes=list(row["scopes"]))
+    now = time.time()
+    # both comparisons always run, against decoys when there is nothing to compare with, so the time
+    # taken does not tell a guesser whether the key exists, is revoked or has a previous secret
+    current_pepper = await deps.peppers.get(row["pepper_version"]) if row else None
+    current_ok = secret_matches(current_pepper or deps.decoy_pepper, secret, row["secret_hash"] if row else NO_HASH)
+    in_grace = bool(row and row["previous_hash"] and (row["previous_expires_at"] or 0.0) > now)
+    previous_pepper = await deps.peppers.get(row["previous_pepper_version"]) if in_grace else None
+    previous_ok = secret_matches(previous_pepper or deps.decoy_pepper, secret,
+                                 row["previous_hash"] if in_grace else NO_HASH) and in_grace
+    if row is None or not (current_ok or previous_ok):
+        raise _deny(deps, key_id, "unknown, revoked or wrong secret")
+    facts = await deps.users.facts(row["user_id"])
+    if facts is None or facts.disabled:
+        raise _deny(deps, key_id, "user disabled or gone")
+    if deps.peppers.current != (row["pepper_version"] if current_ok else row["previous_pepper_version"]):
+        # re-hash on use: the key moves to the current pepper, so old pepper versions can be retired
+        await deps.store.rehash(key_id, previous=not current_ok,
+                                old_hash=row["secret_hash"] if current_ok else row["previous_hash"],
+                                new_hash=hash_secret(deps.peppers.current_key, secret),
+                                pepper_version=deps.peppers.current)
+    return KeyPrincipal(user_id=row["user_id"], key_id=key_id, scopes=list(row["scopes"]), plan=facts.plan,
+                        expires_at=None if current_ok else row["previous_expires_at"],
+                        generation=row["generation"] if current_ok else row["generation"] - 1)
 
+
+@get("/internal/auth-changes")
+async def auth_changes(request: Request, state: State) -> Response:
+    """Every current marker, from the database: the feed for gateways that cannot reach Redis."""
+    state.deps.tokens.principal_from(request, AUDIENCE).require_scope("service")
+    markers = await state.deps.changes.current()
+    body = b"{" + b",".join(msgspec.json.encode(field) + b":" + change for field, change in markers.items()) + b"}"
+    return Response(content=body, media_type="application/json")
+
+
+@post("/internal/auth-changes", status_code=202)
+async def report_user_change(request: Request, state: State) -> dict[str, str]:
+    principal = state.deps.tokens.principal_from(request, AUDIENCE)
+    if principal.subject != "service:users":
+        raise ApiError(403, "Only the users service reports user changes.", type="permission_error",
+                       code="insufficient_scope")
+    change: AuthChange = decode_body(await request.body(), AuthChange)
+    if change.kind not in USER_CHANGE_KINDS or not change.user_id:
+        raise ApiError(400, f"kind must be one of {sorted(USER_CHANGE_KINDS)}, with a user_id.", param="kind",
+                       code="invalid_value")
+    await state.deps.changes.record(msgspec.structs.replace(change, at=time.time()))
+    return {"status": "recorded"}
+
+
+# ---- API keys ----------------------------------------------------------------------------------
 
 @post("/v1/keys", status_code=201)
 async def create_key(request: Request, state: State) -> CreatedKey:
     deps = state.deps
-    principal = deps.tokens.principal_from(request, AUDIENCE)
+    principal = _caller(request, state)
     body: CreateKey = decode_body(await request.body(), CreateKey)
     user_id = body.user_id or principal.subject
     scopes = body.scopes or ["user"]
@@ -46,28 +123,114 @@ async def create_key(request: Request, state: State) -> CreatedKey:
     elif user_id != principal.subject and not await deps.users.exists(user_id):
         raise not_found(f"No user '{user_id}'.", code="user_not_found", param="user_id")
     full_key, key_id, secret = generate_api_key()
-    version = deps.pepper_version
     info = await deps.store.insert(key_id=key_id, user_id=user_id, name=body.name,
-                                   secret_hash=hash_secret(deps.peppers[version], secret),
-                                   pepper_version=version, scopes=scopes)
-    return CreatedKey(**{f: getattr(info, f) for f in info.__struct_fields__}, key=full_key)
+                                   secret_hash=hash_secret(deps.peppers.current_key, secret),
+                                   pepper_version=deps.peppers.current, scopes=scopes)
+    deps.audit.record("key.created", actor=principal.subject, target=key_id,
+                      detail={"user_id": user_id, "name": body.name, "scopes": ",".join(scopes)})
+    return CreatedKey(**msgspec.structs.asdict(info), key=full_key)
 
 
 @get("/v1/keys")
 async def list_keys(request: Request, state: State, user_id: str | None = None) -> KeyList:
-    principal = state.deps.tokens.principal_from(request, AUDIENCE)
-    owner = user_id if (user_id and principal.is_admin) else principal.subject
-    return KeyList(data=await state.deps.store.list_for(owner))
+    principal = _caller(request, state)
+    if user_id and user_id != principal.subject and not principal.is_admin:
+        raise not_found("No such user.", code="user_not_found", param="user_id")
+    return KeyList(data=await state.deps.store.list_for(user_id or principal.subject))
+
+
+@get("/v1/keys/{key_id:str}")
+async def read_key(request: Request, state: State, key_id: str) -> KeyInfo:
+    principal = _caller(request, state)
+    info = await state.deps.store.get(key_id, None if principal.is_admin else principal.subject) \
+        if _valid_key_id(key_id) else None
+    if info is None:  # another user's key looks exactly like a missing one
+        raise _key_not_found()
+    return info
 
 
 @delete("/v1/keys/{key_id:str}", status_code=200)
 async def revoke_key(request: Request, state: State, key_id: str) -> dict[str, object]:
-    principal = state.deps.tokens.principal_from(request, AUDIENCE)
+    deps = state.deps
+    principal = _caller(request, state)
     owner = None if principal.is_admin else principal.subject
-    if not await state.deps.store.revoke(key_id, owner):
-        # another user's key looks exactly like a missing one
-        raise not_found("No such key.", code="key_not_found")
-    return {"id": key_id, "revoked": True}
+    user_id = await deps.store.revoke(key_id, owner) if _valid_key_id(key_id) else None
+    if user_id is None:
+        raise _key_not_found()
+    await deps.changes.record(AuthChange(kind="key_revoked", key_id=key_id, user_id=user_id, at=time.time()))
+    deps.audit.record("key.revoked", actor=principal.subject, target=key_id, detail={"user_id": user_id})
+    return {"id": key_id, "object": "key", "revoked": True}
 
 
-route_handlers = [introspect, create_key, list_keys, revoke_key]
+@post("/v1/keys/{key_id:str}/rotate", status_code=200)
+async def rotate_key(request: Request, state: State, key_id: str) -> CreatedKey:
+    deps = state.deps
+    principal = _caller(request, state)
+    raw = await request.body()
+    body: RotateKey = decode_body(raw, RotateKey) if raw.strip() else RotateKey()
+    grace = deps.settings.key_grace_seconds if body.grace_seconds is None else body.grace_seconds
+    secret = new_secret()  # same key id: only the secret changes
+    info = None
+    if _valid_key_id(key_id):
+        info = await deps.store.rotate(key_id, None if principal.is_admin else principal.subject,
+                                       secret_hash=hash_secret(deps.peppers.current_key, secret),
+                                       pepper_version=deps.peppers.current, grace_seconds=grace)
+    if info is None:
+        raise _key_not_found()
+    grace_until = time.time() + grace
+    await deps.changes.record(AuthChange(kind="key_rotated", key_id=key_id, user_id=info.user_id, at=time.time(),
+                                         generation=info.rotations, grace_until=grace_until))
+    deps.audit.record("key.rotated", actor=principal.subject, target=key_id,
+                      detail={"user_id": info.user_id, "grace_seconds": str(grace)})
+    return CreatedKey(**msgspec.structs.asdict(info), key=api_key(key_id, secret))
+
+
+# ---- JWTs --------------------------------------------------------------------------------------
+
+@post("/v1/auth/token", status_code=200)
+async def issue_token(request: Request, state: State) -> TokenResponse:
+    deps = state.deps
+    principal = _caller(request, state)
+    if principal.via != "key":
+        raise ApiError(403, "A token can only be bought with an API key.", type="permission_error",
+                       code="api_key_required")
+    raw = await request.body()
+    body: TokenRequest = decode_body(raw, TokenRequest) if raw.strip() else TokenRequest()
+    facts = await deps.users.facts(principal.subject)
+    if facts is None or facts.disabled:
+        raise _deny(deps, principal.key_id, "token for a disabled or missing user")
+    ttl = min(body.expires_in or deps.settings.jwt_ttl_seconds, deps.settings.jwt_ttl_seconds)
+    try:
+        token, expires_at = await deps.signer.sign(principal, facts.plan, ttl)
+    except VaultUnavailable:
+        raise unavailable("Token signing is temporarily unavailable.", code="signing_unavailable") from None
+    deps.audit.record("token.issued", actor=principal.subject, target=principal.key_id,
+                      detail={"expires_in": str(ttl)})
+    return TokenResponse(access_token=token, expires_in=ttl, expires_at=expires_at)
+
+
+@get("/.well-known/jwks.json")
+async def jwks(state: State) -> Response:
+    try:
+        document = await state.deps.signer.jwks()
+    except VaultUnavailable:
+        raise unavailable("The signing keys are temporarily unavailable.", code="signing_unavailable") from None
+    return Response(content=document, media_type="application/json", headers={"cache-control": "max-age=60"})
+
+
+# ---- the audit log -----------------------------------------------------------------------------
+
+@get("/v1/auth/audit")
+async def read_audit(
+    request: Request, state: State,
+    limit: Annotated[int, Parameter(ge=1, le=500)] = 100,
+    action: str | None = None, actor: str | None = None, target: str | None = None,
+    request_id: str | None = None,
+) -> AuditList:
+    _caller(request, state).require_scope("admin")
+    return AuditList(data=await state.deps.audit_store.recent(limit=limit, action=action, actor=actor,
+                                                              target=target, request_id=request_id))
+
+
+route_handlers = [introspect, auth_changes, report_user_change, create_key, list_keys, read_key, revoke_key,
+                  rotate_key, issue_token, jwks, read_audit]

@@ -1,9 +1,24 @@
 from __future__ import annotations
 
 import httpx
+import msgspec
 
+from common.contracts import PlanLimits
 from common.errors import unavailable
 from common.security import InternalTokens, service_principal
+
+USERS_TIMEOUT = 2.0
+
+
+class UserFacts(msgspec.Struct, kw_only=True):
+    """The part of a users-service user the auth service needs (unknown fields are ignored)."""
+
+    id: str
+    disabled: bool
+    plan: PlanLimits
+
+
+_decoder = msgspec.json.Decoder(UserFacts)
 
 
 class UsersClient:
@@ -14,12 +29,19 @@ class UsersClient:
         self.tokens = tokens
         self._principal = service_principal("auth")
 
-    async def exists(self, user_id: str) -> bool:
+    async def facts(self, user_id: str) -> UserFacts | None:
+        """The user, or None when there is no such user; 503 when the users service cannot say."""
         try:
-            resp = await self.client.get(f"/internal/users/{user_id}",
+            resp = await self.client.get(f"/internal/users/{user_id}", timeout=USERS_TIMEOUT,
                                          headers=self.tokens.headers("users", self._principal))
         except httpx.HTTPError:
             raise unavailable("The users service is unreachable.", code="users_unavailable") from None
-        if resp.status_code >= 500:
+        if resp.status_code == 404:
+            return None
+        if resp.status_code != 200:
             raise unavailable("The users service failed.", code="users_unavailable")
-        return resp.status_code == 200
+        return _decoder.decode(resp.content)
+
+    async def exists(self, user_id: str) -> bool:
+        return await self.facts(user_id) is not None
+

@@ -17,7 +17,7 @@ from common.http import upstream_client
 from common.metrics import ENGINE_ACTIVE, ENGINE_QUEUE_DEPTH
 from common.security import InternalTokens
 from common.settings import Settings
-from common.vault import Vault
+from common.vault import SecretsRefresher, Vault
 from services.inference.engines.sglang import WorkerOptions, WorkerPool
 from services.inference.routes import route_handlers
 
@@ -62,9 +62,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
             # load in the background so /healthz answers and /readyz can say "loading"
             deps.loading = asyncio.create_task(_load(deps, cpu))
         app.state.deps = deps
+        secrets = SecretsRefresher(vault, settings.secrets_refresh_seconds)  # follows internal-key rotation
+        secrets.watch_internal_tokens(deps.tokens)
+        await secrets.start()
         try:
             yield
         finally:
+            await secrets.stop()
             if deps.loading:
                 deps.loading.cancel()
             if cpu is not None:

@@ -5,10 +5,17 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
+PlanName = Annotated[str, Meta(min_length=1, max_length=64)]
+
 
 class CreateUser(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     name: Annotated[str, Meta(min_length=1, max_length=100)]
-    plan: Annotated[str, Meta(min_length=1, max_length=64)] = "default"
+    plan: PlanName = "default"
+
+
+class UpdateUser(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: Annotated[str, Meta(min_length=1, max_length=100)] | None = None
+    plan: PlanName | None = None
 
 
 class Plan(msgspec.Struct, kw_only=True):
@@ -25,8 +32,25 @@ class User(msgspec.Struct, kw_only=True):
     plan: Plan
     disabled: bool
     created: int
+    object: str = "user"
 
 
 class UserList(msgspec.Struct):
     data: list[User]
     object: str = "list"
+
+
+class Usage(msgspec.Struct, kw_only=True):
+    """A user's usage today (UTC), from the ledger."""
+
+    user_id: str
+    date: str  # YYYY-MM-DD, UTC
+    plan: str
+    tokens_per_day: int
+    used_tokens: int
+    remaining_tokens: int
+    prompt_tokens: int
+    completion_tokens: int
+    requests: int
+    resets_at: int  # unix time of the next UTC midnight
+    object: str = "usage"

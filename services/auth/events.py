@@ -1,0 +1,24 @@
+"""The audit log's consumer: audit.events.v1 -> the audit_log table, idempotent on event id."""
+
+from __future__ import annotations
+
+import msgspec
+from aiokafka import ConsumerRecord
+
+from common.contracts import AuditEvent
+from common.events import PoisonMessage
+from services.auth.store import AuditStore
+
+AUDIT_GROUP = "auth-audit-writer"
+_decoder = msgspec.json.Decoder(AuditEvent)
+
+
+def audit_writer(store: AuditStore):
+    async def handle(record: ConsumerRecord) -> None:
+        try:
+            event = _decoder.decode(record.value or b"")
+        except msgspec.MsgspecError as exc:
+            raise PoisonMessage(str(exc)) from None
+        await store.insert(event)
+
+    return handle
