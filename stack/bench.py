@@ -148,6 +148,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     overhead_cmd.add_argument("--concurrency", default="1,16", help="comma-separated levels")
     overhead_cmd.add_argument("--output", default="bench-results/overhead.json")
     overhead_cmd.set_defaults(func=main)
+    from stack.bench_engines import register_bench  # the AI domain's engine benchmarks (cpu, routing)
+    register_bench(bench_sub)
 
 
 def main(args: argparse.Namespace) -> int:
