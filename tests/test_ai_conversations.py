@@ -170,7 +170,7 @@ async def test_a_repeated_idempotency_key_returns_the_stored_answer_not_a_second
     assert other.status_code == 422 and other.json()["error"]["param"] == "Idempotency-Key"
 
     def rows() -> int:
-        with psycopg.connect(stack.config.database_url("chat")) as conn:
+        with psycopg.connect(stack.admin_dsn("chat"), connect_timeout=2) as conn:
             return conn.execute("SELECT count(*) FROM turns WHERE idempotency_key = %s", (key,)).fetchone()[0]
 
     await eventually(lambda: rows() == 1, timeout=20, what="the one turn persisted")

@@ -3,6 +3,8 @@ models their plan allows, in OpenAI format; bad registrations are refused naming
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 
 import openai
@@ -100,7 +102,7 @@ async def test_fallbacks_cannot_loop(http, admin_headers):
 
 async def test_a_user_lists_only_the_models_their_plan_allows(http, admin_headers, stack, base_url):
     plan = _id("synthetic-only")
-    with psycopg.connect(stack.config.database_url("users"), autocommit=True) as conn:
+    with psycopg.connect(stack.admin_dsn("users"), autocommit=True) as conn:
         conn.execute("INSERT INTO plans (name, requests_per_min, tokens_per_day, max_tokens, allowed_models) "
                      "VALUES (%s, 600, 1000000, 4096, %s)", (plan, ["synthetic"]))
     _, key = await new_user(http, admin_headers, plan=plan)
@@ -110,3 +112,23 @@ async def test_a_user_lists_only_the_models_their_plan_allows(http, admin_header
     assert client.models.retrieve("synthetic").owned_by == "dualgate-synthetic-engine"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve(CPU_MODEL)
+
+
+async def test_with_the_models_service_down_known_models_keep_answering(http, demo_headers, stack):
+    body = {"model": "synthetic", "max_tokens": 3, "messages": [{"role": "user", "content": "still there?"}]}
+    assert (await http.post("/v1/chat/completions", json=body, headers=demo_headers)).status_code == 200
+    stack.supervisor.stop("models")
+    try:
+        # answers keep coming for longer than the chat service's resolution cache lives (5 s):
+        # past it, the last known record answers
+        until = time.monotonic() + 6.0
+        while time.monotonic() < until:
+            resp = await http.post("/v1/chat/completions", json=body, headers=demo_headers)
+            assert resp.status_code == 200, resp.text
+            await asyncio.sleep(0.5)
+        unknown = await http.post("/v1/chat/completions", json={**body, "model": "never-resolved"},
+                                  headers=demo_headers)
+        assert unknown.status_code == 503  # what was never known cannot be served from memory
+    finally:
+        stack.supervisor.start("models")
+        stack.wait_ready(("models", "chat", "gateway-ai"), timeout=60)

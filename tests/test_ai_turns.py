@@ -42,7 +42,7 @@ def chat_client(stack: LocalStack, creds, user_id: str) -> httpx.AsyncClient:
 
 
 def stored_turns(stack: LocalStack, user_id: str) -> list[str]:
-    with psycopg.connect(stack.config.database_url("chat"), connect_timeout=2) as conn:
+    with psycopg.connect(stack.admin_dsn("chat"), connect_timeout=2) as conn:
         return [r[0] for r in conn.execute("SELECT turn_id FROM turns WHERE user_id = %s", (user_id,))]
 
 
