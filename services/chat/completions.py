@@ -170,8 +170,8 @@ async def _open_with_fallback(deps, principal: Principal, body: ChatCompletionRe
                     extra={"model": model.id, "fallback": fallback.id, "error": str(failure)})
         try:
             upstream = await _open(deps, principal, body, fallback, conversation, history)
-        except _FallbackWorthy as second:
-            raise second.error from None
+        except (_FallbackWorthy, ApiError):  # the fallback cannot help either: say what failed first
+            raise failure.error from None
         FALLBACKS.labels("chat", "model-fallback").inc()
         return upstream, fallback, True
 
