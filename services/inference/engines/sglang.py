@@ -332,36 +332,49 @@ class SglangEngine:
                 raise
             tried.add(worker.url)
             worker.outstanding += 1
-            try:
-                try:
-                    response, reader, first = await self._open(worker, request, key)
-                except _BreakerOpen as exc:  # not called at all: try the next worker, at no cost
-                    last_error = str(exc)
-                    continue
-                except _Retryable as exc:
-                    attempts += 1
-                    last_error = str(exc)
-                    ENGINE_WORKER_REQUESTS.labels(ENGINE, worker.url, "retried").inc()
-                    worker.check_now.set()
-                    continue
-                except EngineRejected:
-                    ENGINE_WORKER_REQUESTS.labels(ENGINE, worker.url, "rejected").inc()
-                    raise
-                outcome = "cancelled"
-                try:
-                    async for event in self._events(first, reader, worker):
-                        yield event
-                    outcome = "ok"
-                except WorkerStreamError:
-                    outcome = "cut"
-                    worker.check_now.set()
-                    raise
-                finally:
+            released = False
+
+            async def release(outcome: str, response: httpx.Response | None = None) -> None:
+                # settled before the last event is handed out: a consumer that stops reading at
+                # Finished (and never closes the generator) must not leave the worker looking busy
+                nonlocal released
+                if not released:
+                    released = True
+                    worker.outstanding -= 1
                     ENGINE_WORKER_REQUESTS.labels(ENGINE, worker.url, outcome).inc()
-                    await response.aclose()
-                return
+                    if response is not None:
+                        await response.aclose()
+
+            try:
+                response, reader, first = await self._open(worker, request, key)
+            except _BreakerOpen as exc:  # not called at all: try the next worker, at no cost
+                last_error = str(exc)
+                await release("skipped")
+                continue
+            except _Retryable as exc:
+                attempts += 1
+                last_error = str(exc)
+                worker.check_now.set()
+                await release("retried")
+                continue
+            except EngineRejected:
+                await release("rejected")
+                raise
+            except BaseException:
+                await release("cancelled")
+                raise
+            try:
+                async for event in self._events(first, reader, worker):
+                    if isinstance(event, Finished):
+                        await release("ok", response)
+                    yield event
+            except WorkerStreamError:
+                worker.check_now.set()
+                await release("cut", response)
+                raise
             finally:
-                worker.outstanding -= 1
+                await release("cancelled", response)
+            return
         raise EngineUnavailable(f"Every SGLang worker tried failed before the first token ({last_error}).")
 
     def _payload(self, worker: Worker, request: GenerationRequest) -> bytes:
