@@ -24,6 +24,9 @@ class ModelRecord(msgspec.Struct, kw_only=True):
     fallback_model: str | None = None
     enabled: bool = True
     created: int = 0
+    # how the chat service counts this model's tokens: "" (by engine), "words", "chars", or the name
+    # of a tokenizer folder (tokenizer.json) under the model cache
+    tokenizer: str = ""
 
 
 class PlanLimits(msgspec.Struct, kw_only=True, frozen=True):
@@ -135,6 +138,10 @@ class TurnEvent(msgspec.Struct, kw_only=True):
     usage: Usage
     request_id: str = ""
     created: float
+    # additive (issue 4): replaying a request with the same Idempotency-Key returns this turn
+    idempotency_key: str = ""
+    request_hash: str = ""  # sha256 of the request body, so a reused key with another body is refused
+    completion_id: str = ""  # the chat.completion id the client saw
 
 
 class UsageEvent(msgspec.Struct, kw_only=True):

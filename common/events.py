@@ -7,6 +7,7 @@ consumer must tolerate redelivery (writes keyed by event id / turn id).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -19,6 +20,7 @@ from common.metrics import EVENTS_CONSUMED, EVENTS_PUBLISHED
 log = logging.getLogger(__name__)
 
 SEND_TIMEOUT = 5.0
+COMMIT_TIMEOUT = 5.0
 _encoder = msgspec.json.Encoder()
 
 
@@ -65,6 +67,23 @@ class EventPublisher:
         await asyncio.wait_for(self._producer.send_and_wait(topic, value, key=key.encode()), SEND_TIMEOUT)
         EVENTS_PUBLISHED.labels(topic).inc()
 
+    async def publish_many(self, messages: list[tuple[str, str, bytes]]) -> None:
+        """Send (topic, key, value) messages together and wait until the broker has every one (acks=all).
+
+        All or nothing from the caller's view: on any failure it raises, and the caller sends them all
+        again (consumers are idempotent, so a message delivered twice is harmless)."""
+        if self._producer is None:
+            raise KafkaError("producer not connected")
+        producer = self._producer
+
+        async def send_all() -> None:
+            futures = [await producer.send(topic, value, key=key.encode()) for topic, key, value in messages]
+            await asyncio.gather(*futures)
+
+        await asyncio.wait_for(send_all(), SEND_TIMEOUT)
+        for topic, _, _ in messages:
+            EVENTS_PUBLISHED.labels(topic).inc()
+
     async def stop(self) -> None:
         if self._starting and not self._starting.done():
             self._starting.cancel()
@@ -100,14 +119,19 @@ async def consume_forever(
                     for record in records:
                         await _handle_until_done(record, handler, publisher, dlq, retry_delay_max)
                 if batches:
-                    await consumer.commit()
+                    # bounded: after a broker restart aiokafka can retry a commit forever
+                    # (UnknownTopicOrPartition); a fresh consumer rejoins instead, and the batch may
+                    # come again, which idempotent handlers absorb
+                    await asyncio.wait_for(consumer.commit(), COMMIT_TIMEOUT)
         except asyncio.CancelledError:
             raise
-        except KafkaError as exc:
-            log.warning("consumer lost the broker, reconnecting", extra={"topic": topic, "error": str(exc)})
+        except (KafkaError, TimeoutError) as exc:
+            log.warning("consumer lost the broker, reconnecting",
+                        extra={"topic": topic, "error": f"{type(exc).__name__}: {exc}"})
             await asyncio.sleep(1.0)
         finally:
-            await consumer.stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(consumer.stop(), COMMIT_TIMEOUT)
 
 
 async def _handle_until_done(record: ConsumerRecord, handler: MessageHandler, publisher: EventPublisher,

@@ -31,6 +31,21 @@ AUTH_LOOKUPS = Counter(
 )
 AUTH_FAILURES = Counter("dualgate_auth_failures_total", "Credentials refused at a gateway", ["service", "reason"])
 VAULT_ROTATIONS = Counter("dualgate_secret_rotations_total", "Rotated secrets a process picked up", ["service", "secret"])
+
+# ---- AI domain (issue 4) ---------------------------------------------------------------------
+ENGINE_CANCELLED = Counter("dualgate_engine_cancelled_total",
+                           "Sequences dropped because their client went away", ["engine", "stage"])
+ENGINE_BATCH_SIZE = Histogram("dualgate_engine_batch_size", "Sequences advanced together by one decode step",
+                              ["engine"], buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64))
+ENGINE_WORKER_UP = Gauge("dualgate_engine_worker_up", "1 while a runtime worker is in rotation", ["engine", "worker"])
+ENGINE_WORKER_OUTSTANDING = Gauge("dualgate_engine_worker_outstanding", "Requests in flight on a runtime worker",
+                                  ["engine", "worker"])
+ENGINE_WORKER_REQUESTS = Counter("dualgate_engine_worker_requests_total", "Requests sent to a runtime worker",
+                                 ["engine", "worker", "outcome"])
+OUTBOX_PENDING = Gauge("dualgate_outbox_pending", "Turns in the durable spool: not yet published, or published "
+                       "and not yet seen in the database", ["service", "state"])
+
+# ---- edge (issue 5) ---------------------------------------------------------------------------
 CACHE_HITS = Counter("dualgate_cache_hits_total", "Response cache hits", ["service"])
 CACHE_MISSES = Counter("dualgate_cache_misses_total", "Response cache misses (cacheable requests only)", ["service"])
 RATE_LIMITED = Counter("dualgate_rate_limited_total", "Requests refused by a limit", ["service", "limit"])

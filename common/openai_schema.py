@@ -47,7 +47,7 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     stream_options: StreamOptions | None = None
     user: str | None = None
     # dualgate extension: continue a stored conversation
-    conversation_id: str | None = None
+    conversation_id: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

@@ -73,6 +73,14 @@ class Settings(msgspec.Struct, kw_only=True):
     auth_cache_seconds: float = 10.0  # gateways' in-process key cache while subscribed to auth changes
     auth_snapshot_max_age: float = 86_400.0  # oldest cached principal a gateway may fall back on
 
+    # chat: the durable turn spool (outbox); each chat process uses <spool_dir>/<service>-<port>
+    spool_dir: str = str(REPO_ROOT / ".dualgate" / "spool")
+    outbox_max_pending: int = 20_000  # turns held before the chat service answers 503 (bounded memory)
+
+    # inference: SGLang runtime workers (per-deployment params can override these)
+    sglang_health_interval: float = 1.0
+    sglang_max_outstanding: int = 64  # a worker this busy loses its affinity traffic to the least loaded
+
     # ---- edge resilience (gateways, router, fallback chain) ----
     gateway_replicas: int = 1  # replicas sharing the limits: each one's in-process share when Redis is down
     cache_ttl: float = 300.0  # a deterministic answer is replayed this long

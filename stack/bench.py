@@ -338,6 +338,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                            help="enter at the router (router + gateway) or at nginx (the whole edge)")
     cache_cmd.add_argument("--output", default="bench-results/cache.json")
     cache_cmd.set_defaults(func=cache_main)
+    from stack.bench_engines import register_bench  # the AI domain's engine benchmarks (cpu, routing)
+    register_bench(bench_sub)
 
 
 def main(args: argparse.Namespace) -> int:

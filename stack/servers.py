@@ -169,6 +169,8 @@ def _service_env(config: StackConfig, creds: Credentials, name: str) -> dict[str
         env["DUALGATE_DOMAIN"] = name.removeprefix("gateway-")
     if name == "auth":
         env["DUALGATE_BOOTSTRAP_ADMIN_KEY"] = creds.admin_key
+    if name == "chat":  # the durable turn spool (outbox) lives with the stack's data
+        env["DUALGATE_SPOOL_DIR"] = str(config.home / "spool")
     # the AI gateway pool: two replicas sharing one role, limits exact across both
     env["DUALGATE_GATEWAY_AI_URLS"] = ",".join(config.url(n) for n in ("gateway-ai", *REPLICA_OF))
     if name in ("gateway-ai", *REPLICA_OF):

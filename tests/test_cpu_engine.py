@@ -6,6 +6,7 @@ The first run ever dequantizes the GGUF into the model cache (~25 s); later runs
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -145,3 +146,65 @@ async def test_measure_throughput_reports_rate_and_ttft(engine: CpuEngine) -> No
     assert 0 < result["completion_tokens"] <= 8
     assert result["tokens_per_s"] > 0
     assert 0 < result["ttft_p50_s"] <= result["ttft_p95_s"]
+
+
+@contextlib.asynccontextmanager
+async def serve_inference(cpu: CpuEngine):
+    """The inference service's routes over real HTTP (uvicorn on a free port) in front of `cpu`."""
+    import socket
+
+    import httpx
+    import uvicorn
+
+    from common.app import create_service_app
+    from common.security import InternalTokens, Principal
+    from common.settings import Settings
+    from services.inference.app import InferenceDeps
+    from services.inference.engines.sglang import WorkerPool
+    from services.inference.routes import route_handlers
+
+    settings = Settings(service="inference-under-test")
+    tokens = InternalTokens(issuer_service="tests", keys={"v1": b"k" * 32}, current="v1")
+    app = create_service_app(settings, route_handlers=route_handlers)
+    async with httpx.AsyncClient() as workers_http:
+        app.state.deps = InferenceDeps(settings=settings, tokens=tokens, cpu=cpu, sglang=WorkerPool(workers_http))
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning"))
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        await until(lambda: server.started)
+        headers = tokens.headers("inference", Principal(subject="usr_test", scopes=("user",)))
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", headers=headers,
+                                         timeout=60) as http:
+                yield http
+        finally:
+            server.should_exit = True
+            await task
+
+
+async def test_over_http_a_full_queue_is_a_429_with_retry_after_and_a_hang_up_gives_the_slot_on() -> None:
+    small = CpuEngine(cache_dir=CACHE, threads=2, max_batch=1, max_queue=1)
+    await small.start()
+    body = {"model": "smollm2-135m-instruct", "stream": True, "max_tokens": 200, "temperature": 0,
+            "messages": story(), "deployment": {"engine": "cpu"}}
+    try:
+        async with serve_inference(small) as http:
+            async with http.stream("POST", "/v1/chat/completions", json=body) as running:
+                assert running.status_code == 200  # it holds the only slot
+                waiting = asyncio.ensure_future(http.post("/v1/chat/completions",
+                                                          json={**body, "stream": False, "max_tokens": 2}))
+                await until(lambda: small.queue_depth == 1)
+
+                refused = await http.post("/v1/chat/completions", json=body)
+
+                assert refused.status_code == 429
+                assert int(refused.headers["retry-after"]) >= 1
+                assert refused.json()["error"]["code"] == "engine_overloaded"
+            # hanging up the running stream cancels its sequence: the queued request gets the slot
+            answered = await asyncio.wait_for(waiting, 30)
+            assert answered.status_code == 200
+            assert answered.json()["usage"]["completion_tokens"] <= 2
+            await until(lambda: small.active_sequences == 0 and small.queue_depth == 0)
+    finally:
+        await small.stop()

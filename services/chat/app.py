@@ -1,11 +1,12 @@
-"""Chat service: orchestrates a completion and hands the finished turn to Kafka."""
+"""Chat service: conversations, context building, model fallback, streaming; turns leave through a
+durable outbox to Kafka, and a writer consumer persists them."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -14,15 +15,18 @@ from litestar import Litestar
 from common.app import create_service_app
 from common.contracts import TURNS_TOPIC
 from common.db import ping
-from common.lifespan import service_basics
 from common.events import EventPublisher, consume_forever
 from common.http import upstream_client
+from common.lifespan import service_basics
 from common.security import InternalTokens
 from common.settings import Settings
-from services.chat.events import TurnRecorder, turn_writer
+from services.chat.context import Tokenizers, TurnCounts
+from services.chat.events import turn_writer
+from services.chat.history import Conversations
 from services.chat.models_client import ModelResolver
+from services.chat.outbox import TurnOutbox
 from services.chat.routes import route_handlers
-from services.chat.store import TurnStore
+from services.chat.store import ConversationStore, TurnStore
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 WRITER_GROUP = "chat-turn-writer"
@@ -38,9 +42,14 @@ async def _cancel(task: asyncio.Task) -> None:
 class ChatDeps:
     tokens: InternalTokens
     store: TurnStore
+    conversation_store: ConversationStore
+    conversations: Conversations
     models: ModelResolver
     inference: httpx.AsyncClient
-    turns: TurnRecorder
+    outbox: TurnOutbox
+    tokenizers: Tokenizers
+    turn_counts: TurnCounts = field(default_factory=TurnCounts)
+    inflight: dict[tuple[str, str], float] = field(default_factory=dict)  # idempotency keys being answered
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
@@ -57,15 +66,20 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await publisher.start()
             stack.push_async_callback(publisher.stop)
             store = TurnStore(basics.pool)
-            deps = ChatDeps(tokens=basics.tokens, store=store, inference=inference_http,
-                            models=ModelResolver(models_http, basics.tokens, settings.model_cache_ttl),
-                            turns=TurnRecorder(publisher))
+            outbox = TurnOutbox(Path(settings.spool_dir) / f"{settings.service}-{settings.port}", publisher,
+                                store.settled, service=settings.service, max_pending=settings.outbox_max_pending)
+            await outbox.start()
             # the writer consumer persists turns from Kafka; one long-lived consumer group
             writer = asyncio.create_task(consume_forever(
                 settings.kafka_bootstrap, TURNS_TOPIC, WRITER_GROUP, turn_writer(store), publisher))
             stack.push_async_callback(_cancel, writer)
-            stack.push_async_callback(deps.turns.drain)  # runs first: publish what was answered
-            app.state.deps = deps
+            stack.push_async_callback(outbox.stop)  # runs first: send what was answered while we can
+            conversation_store = ConversationStore(basics.pool)
+            app.state.deps = ChatDeps(
+                tokens=basics.tokens, store=store, conversation_store=conversation_store,
+                conversations=Conversations(conversation_store, store, outbox), inference=inference_http,
+                models=ModelResolver(models_http, basics.tokens, settings.model_cache_ttl), outbox=outbox,
+                tokenizers=Tokenizers(Path(settings.model_cache)))
             yield
 
     def readiness(state):

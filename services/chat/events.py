@@ -1,50 +1,24 @@
-"""Turns and usage leave the request path through Kafka; the writer consumer persists turns."""
+"""The writer consumer: turns from `chat.turns.v1` into Postgres, once each (turn id unique).
+
+Publishing happens in the outbox (`services/chat/outbox.py`). A message that can never be a turn is
+poison and goes to `chat.turns.v1.dlq`; a database that is down is not poison: the consumer retries
+the same message until it lands, so turns wait in Kafka (and in the spool) and persist on recovery.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import msgspec
 from aiokafka import ConsumerRecord
 
-from common.events import EventPublisher, PoisonMessage
-from common.contracts import TURNS_TOPIC, USAGE_TOPIC, TurnEvent, UsageEvent
+from common.contracts import TurnEvent
+from common.events import PoisonMessage
 from services.chat.store import TurnStore
 
 log = logging.getLogger(__name__)
 
 _turn_decoder = msgspec.json.Decoder(TurnEvent)
-
-
-class TurnRecorder:
-    """Publishes completed turns off the request path; keeps track of in-flight publishes so
-    shutdown can wait for them."""
-
-    def __init__(self, publisher: EventPublisher) -> None:
-        self.publisher = publisher
-        self._pending: set[asyncio.Task] = set()
-
-    def record(self, turn: TurnEvent, usage: UsageEvent) -> None:
-        task = asyncio.create_task(self._publish(turn, usage))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-
-    async def _publish(self, turn: TurnEvent, usage: UsageEvent) -> None:
-        delay = 0.2
-        while True:
-            try:
-                await self.publisher.publish(TURNS_TOPIC, turn.conversation_id, turn)
-                await self.publisher.publish(USAGE_TOPIC, usage.user_id, usage)
-                return
-            except Exception as exc:
-                log.warning("turn publish failed, retrying", extra={"turn_id": turn.turn_id, "error": str(exc)})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-
-    async def drain(self, timeout: float = 10.0) -> None:
-        if self._pending:
-            await asyncio.wait(self._pending, timeout=timeout)
 
 
 def turn_writer(store: TurnStore):
@@ -53,6 +27,11 @@ def turn_writer(store: TurnStore):
             turn = _turn_decoder.decode(record.value or b"")
         except msgspec.MsgspecError as exc:
             raise PoisonMessage(str(exc)) from None
-        await store.insert_turn(turn)
+        if not turn.turn_id or not turn.conversation_id or not turn.user_id:
+            raise PoisonMessage("a turn needs turn_id, conversation_id and user_id")
+        try:
+            await store.insert_turn(turn)
+        except (ValueError, OverflowError) as exc:  # a value no row can hold (e.g. a timestamp out of range)
+            raise PoisonMessage(f"{type(exc).__name__}: {exc}") from None
 
     return handle

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
-import msgspec
+from typing import Annotated
 
-from common.openai_schema import Usage
+import msgspec
+from msgspec import Meta
+
+from common.openai_schema import MAX_CONTENT_CHARS, Usage
 
 
 class StreamPeek(msgspec.Struct):
@@ -12,3 +15,55 @@ class StreamPeek(msgspec.Struct):
     usage: Usage | None = None
     error: dict | None = None
     id: str = ""
+
+
+class CreateConversation(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    title: Annotated[str, Meta(max_length=256)] = ""
+    # kept at the top of every turn's context, whatever else is dropped to fit the window
+    system_prompt: Annotated[str, Meta(max_length=MAX_CONTENT_CHARS)] = ""
+    metadata: Annotated[dict[Annotated[str, Meta(max_length=64)], Annotated[str, Meta(max_length=512)]],
+                        Meta(max_length=16)] = {}
+
+
+class Conversation(msgspec.Struct, kw_only=True):
+    id: str
+    created: int
+    title: str
+    system_prompt: str
+    metadata: dict[str, str]
+    object: str = "conversation"
+
+
+class ConversationList(msgspec.Struct):
+    data: list[Conversation]
+    has_more: bool = False
+    object: str = "list"
+
+
+class ConversationDeleted(msgspec.Struct):
+    id: str
+    deleted: bool = True
+    object: str = "conversation.deleted"
+
+
+class Message(msgspec.Struct, kw_only=True):
+    id: str
+    role: str
+    content: str
+    turn_id: str
+    created: int
+    object: str = "conversation.message"
+
+
+class MessageList(msgspec.Struct):
+    data: list[Message]
+    object: str = "list"
+
+
+class HistoryTurn(msgspec.Struct, kw_only=True):
+    """One past turn as context building and the messages listing see it."""
+
+    turn_id: str
+    created: float
+    messages: list[dict[str, str]]  # what the client sent in that turn
+    assistant: str

@@ -1,4 +1,5 @@
-"""Inference service: the engine front. Embedded CPU model and synthetic engine today; SGLang workers later."""
+"""Inference service: the engine front. SGLang runtime workers (GPU), the embedded CPU model, and the
+synthetic engine; the models registry's deployment on each request says which."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from pathlib import Path
 from litestar import Litestar
 
 from common.app import create_service_app
+from common.http import upstream_client
 from common.metrics import ENGINE_ACTIVE, ENGINE_QUEUE_DEPTH
 from common.security import InternalTokens
 from common.settings import Settings
 from common.vault import SecretsRefresher, Vault
+from services.inference.engines.sglang import WorkerOptions, WorkerPool
 from services.inference.routes import route_handlers
 
 if TYPE_CHECKING:
@@ -29,6 +32,7 @@ class InferenceDeps:
     settings: Settings
     tokens: InternalTokens
     cpu: "CpuEngine | None"
+    sglang: WorkerPool
     loading: asyncio.Task | None = None
     load_error: str | None = field(default=None)
 
@@ -49,7 +53,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
                             max_batch=settings.cpu_max_batch, max_queue=settings.cpu_max_queue)
             ENGINE_QUEUE_DEPTH.labels("cpu").set_function(lambda: cpu.queue_depth)
             ENGINE_ACTIVE.labels("cpu").set_function(lambda: cpu.active_sequences)
-        deps = InferenceDeps(settings=settings, tokens=await vault.internal_tokens(), cpu=cpu)
+        # one long-lived client for every SGLang worker; its read timeout bounds the wait for each token
+        workers_http = upstream_client(settings, max_connections=1024)
+        sglang = WorkerPool(workers_http, WorkerOptions(
+            health_interval=settings.sglang_health_interval, max_outstanding=settings.sglang_max_outstanding))
+        deps = InferenceDeps(settings=settings, tokens=await vault.internal_tokens(), cpu=cpu, sglang=sglang)
         if cpu is not None:
             # load in the background so /healthz answers and /readyz can say "loading"
             deps.loading = asyncio.create_task(_load(deps, cpu))
@@ -65,6 +73,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 deps.loading.cancel()
             if cpu is not None:
                 await cpu.stop()
+            await sglang.close()
+            await workers_http.aclose()
 
     async def _load(deps: InferenceDeps, cpu) -> None:
         try:

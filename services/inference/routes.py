@@ -10,15 +10,16 @@ from litestar import Request, Response, get, post
 from litestar.datastructures import State
 from litestar.response import Stream
 
-from common.errors import ApiError, ErrorBody, ErrorEnvelope, unavailable
+from common.errors import ApiError, ErrorBody, ErrorEnvelope, decode_body, unavailable
 from common.metrics import TOKENS, TTFT
 from common.openai_schema import (
     ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, Delta, EngineSpec, InferenceRequest,
     ModelCard, ModelList, ResponseMessage, Usage, completion_id, now,
 )
-from common.errors import decode_body
 from common.sse import DONE, SSE_HEADERS, error_frame, frame
-from services.inference.engines.base import EngineBusy, Finished, GenerationRequest, TokenDelta
+from services.inference.engines.base import (
+    EngineBusy, EngineRejected, EngineUnavailable, Finished, GenerationRequest, TokenDelta,
+)
 from services.inference.engines.synthetic import SyntheticEngine
 
 AUDIENCE = "inference"
@@ -34,8 +35,35 @@ def _engine_for(state: State, spec: EngineSpec | None, model: str):
         if deps.cpu is None or not deps.cpu.ready:
             raise unavailable("The CPU engine is not loaded yet.", retry_after=5, code="engine_unavailable")
         return deps.cpu
+    if spec.engine == "sglang":
+        if not spec.workers:
+            raise unavailable("This deployment names no SGLang worker.", code="engine_unavailable")
+        return deps.sglang.engine(spec.workers, spec.served_model, spec.params)
     raise ApiError(501, f"Engine '{spec.engine}' is not available on this inference service.",
                    type="server_error", code="engine_unavailable")
+
+
+async def _first_event(events):
+    """The engine's first event; failures before it become the caller's status code, before any byte."""
+    try:
+        return await events.__anext__()
+    except EngineBusy as busy:
+        await events.aclose()
+        raise ApiError(429, "The engine queue is full; retry shortly.", type="rate_limit_error",
+                       code="engine_overloaded", headers={"Retry-After": str(max(1, round(busy.retry_after)))})
+    except EngineUnavailable as exc:
+        await events.aclose()
+        raise unavailable(str(exc), retry_after=max(1, round(exc.retry_after)), code="engine_unavailable") from None
+    except EngineRejected as exc:
+        await events.aclose()
+        raise ApiError(400, f"The model runtime rejected the request: {exc}", param="messages",
+                       code="invalid_request") from None
+    except ValueError as exc:  # the CPU engine's check that the prompt fits the context
+        await events.aclose()
+        raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
+    except RuntimeError as exc:  # the engine stopped (shutdown) or failed outright
+        await events.aclose()
+        raise unavailable(f"The engine failed: {exc}", code="engine_unavailable") from None
 
 
 @post("/v1/chat/completions", status_code=200)
@@ -50,16 +78,12 @@ async def chat_completions(request: Request, state: State) -> Response | Stream:
         top_p=body.top_p,
         stop=body.stop_list(),
         seed=body.seed,
+        affinity_key=body.conversation_id,
+        model=body.deployment.served_model if body.deployment else "",
     )
     started = time.perf_counter()
     events = engine.generate(generation)
-    try:
-        # the first event surfaces a full queue as 429 before any byte is sent
-        first = await events.__anext__()
-    except EngineBusy as busy:
-        await events.aclose()
-        raise ApiError(429, "The engine queue is full; retry shortly.", type="rate_limit_error",
-                       code="engine_overloaded", headers={"Retry-After": str(max(1, round(busy.retry_after)))})
+    first = await _first_event(events)
     model = body.model
     TTFT.labels("inference", model).observe(time.perf_counter() - started)
     if body.stream:
@@ -125,6 +149,19 @@ async def _sse(first, events: AsyncIterator, model: str, include_usage: bool) ->
         await events.aclose()
 
 
+@get("/internal/engines")
+async def engine_status(request: Request, state: State) -> dict:
+    """What serves here now: the CPU engine's slots and queue, every SGLang worker's rotation state."""
+    state.deps.tokens.principal_from(request, AUDIENCE)
+    cpu = state.deps.cpu
+    return {
+        "cpu": None if cpu is None else {"ready": cpu.ready, "active_sequences": cpu.active_sequences,
+                                         "queue_depth": cpu.queue_depth, "max_batch": cpu.max_batch,
+                                         "max_queue": cpu.max_queue},
+        "sglang": {"workers": state.deps.sglang.status()},
+    }
+
+
 @get("/v1/models")
 async def list_engines(request: Request, state: State) -> ModelList:
     state.deps.tokens.principal_from(request, AUDIENCE)
@@ -134,4 +171,4 @@ async def list_engines(request: Request, state: State) -> ModelList:
     return ModelList(data=cards)
 
 
-route_handlers = [chat_completions, list_engines]
+route_handlers = [chat_completions, engine_status, list_engines]

@@ -1,7 +1,8 @@
-"""Models service: the registry of models and the deployment that serves each."""
+"""Models service: the registry of models, the deployment that serves each, and its fallback."""
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,9 +11,11 @@ from litestar import Litestar
 
 from common.app import create_service_app
 from common.db import ping
+from common.http import upstream_client
 from common.lifespan import service_basics
 from common.security import InternalTokens
 from common.settings import Settings
+from services.models.plans import AllowedModels
 from services.models.routes import route_handlers
 from services.models.store import ModelStore
 
@@ -23,6 +26,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 class ModelsDeps:
     tokens: InternalTokens
     store: ModelStore
+    allowed: AllowedModels
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
@@ -30,8 +34,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     @asynccontextmanager
     async def lifespan(app: Litestar):
-        async with service_basics(settings, MIGRATIONS) as basics:
-            app.state.deps = ModelsDeps(tokens=basics.tokens, store=ModelStore(basics.pool))
+        async with contextlib.AsyncExitStack() as stack:
+            basics = await stack.enter_async_context(service_basics(settings, MIGRATIONS))
+            users_http = await stack.enter_async_context(upstream_client(settings, settings.users_url, read_timeout=2.0))
+            app.state.deps = ModelsDeps(tokens=basics.tokens, store=ModelStore(basics.pool),
+                                        allowed=AllowedModels(users_http, basics.tokens))
             yield
 
     def readiness(state):

@@ -32,6 +32,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+from common.metrics import ENGINE_BATCH_SIZE, ENGINE_CANCELLED
 from services.inference.engines.base import EngineBusy, Finished, GenerationRequest, TokenDelta
 
 __all__ = ["CpuEngine", "EngineBusy", "EngineStopped", "Finished", "GenerationRequest", "TokenDelta",
@@ -323,6 +324,7 @@ class CpuEngine:
             seq.cancelled = True
             if seq in self._waiting:
                 self._waiting.remove(seq)
+                ENGINE_CANCELLED.labels("cpu", "queued").inc()
             self._wakeup.notify()
 
     def _prompt_ids(self, messages: list[dict]) -> list[int]:
@@ -366,6 +368,7 @@ class CpuEngine:
     def _admit_waiting(self) -> None:
         for seq in [s for s in self._active if s.cancelled]:
             self._release(seq)
+            ENGINE_CANCELLED.labels("cpu", "running").inc()
         while len(self._active) < self.max_batch:
             with self._lock:
                 if not self._waiting:
@@ -404,6 +407,7 @@ class CpuEngine:
         """One forward pass that feeds every active sequence its last token."""
         if not self._active:
             return
+        ENGINE_BATCH_SIZE.labels("cpu").observe(len(self._active))
         positions = torch.tensor([seq.length for seq in self._active])
         self._kv.reserve(int(positions.max()) + 1)
         mask = torch.arange(int(positions.max()) + 1)[None, :] <= positions[:, None]

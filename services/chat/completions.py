@@ -1,0 +1,393 @@
+"""One chat completion: context, model (with its fallback), the stream, the turn.
+
+1. A repeated `Idempotency-Key` returns the stored answer, never a second generation.
+2. The model resolves through the models service (cached); a conversation adds its system prompt and
+   the newest turns that fit the window (counted with the model's tokenizer).
+3. The inference service streams the answer. If the deployment fails before the first token, the
+   registry's fallback model answers instead, flagged `x-dualgate-degraded: model-fallback`.
+4. The finished turn is spooled durably (outbox) before the answer ends; Kafka and the writer take it
+   from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import httpx
+import msgspec
+from httpx_sse import EventSource
+from litestar import Request, Response
+from litestar.response import Stream
+
+from common.contracts import ModelRecord, TurnEvent, UsageEvent
+from common.errors import ApiError, ErrorBody, ErrorEnvelope, decode_body, unavailable
+from common.logging import request_id_var
+from common.metrics import FALLBACKS
+from common.openai_schema import (
+    ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, ChunkChoice, Choice, Delta,
+    InferenceRequest, ResponseMessage, StreamOptions, Usage, completion_id, now,
+)
+from common.security import Principal
+from common.sse import DONE, SSE_HEADERS, error_frame, frame
+from services.chat.context import build_context
+from services.chat.outbox import OutboxFull
+from services.chat.schemas import Conversation, HistoryTurn, StreamPeek
+
+log = logging.getLogger(__name__)
+
+AUDIENCE = "chat"
+IDEMPOTENCY_HEADER = "idempotency-key"
+REPLAY_HEADER = "x-dualgate-idempotent-replay"
+DEGRADED_HEADER = "x-dualgate-degraded"
+TURN_HEADER = "x-dualgate-turn-id"
+CONVERSATION_HEADER = "x-dualgate-conversation-id"
+DEFAULT_MAX_TOKENS = 256
+MAX_IDEMPOTENCY_KEY = 255
+INFLIGHT_STALE_S = 600.0  # a claimed key whose request vanished without releasing it frees itself
+
+_peek = msgspec.json.Decoder(StreamPeek)
+_error = msgspec.json.Decoder(ErrorEnvelope)
+
+
+class _FallbackWorthy(Exception):
+    """The deployment failed before the first token (unreachable, timeout, 5xx, overloaded)."""
+
+    def __init__(self, error: ApiError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+# ---- the request -----------------------------------------------------------------------------
+
+async def chat_completion(request: Request, deps) -> Response | Stream:
+    principal = deps.tokens.principal_from(request, AUDIENCE)
+    body: ChatCompletionRequest = decode_body(await request.body(), ChatCompletionRequest)
+    key = _idempotency_key(request)
+    request_hash = _request_hash(body) if key else ""
+    slot = (principal.subject, key) if key else None
+    if key:
+        stored = await _stored_turn(deps, principal.subject, key)
+        if stored is not None:
+            if stored.request_hash and stored.request_hash != request_hash:
+                raise ApiError(422, "This Idempotency-Key was already used with a different request.",
+                               param="Idempotency-Key", code="idempotency_key_reused")
+            return _replay(stored, body)
+        claimed = deps.inflight.get(slot)
+        if claimed is not None and time.monotonic() - claimed < INFLIGHT_STALE_S:
+            raise ApiError(409, "A request with this Idempotency-Key is still being answered; retry shortly.",
+                           param="Idempotency-Key", code="idempotency_key_in_use", headers={"Retry-After": "1"})
+    try:
+        deps.outbox.check_capacity()
+    except OutboxFull:
+        raise unavailable("Too many answered turns wait to be stored; retry shortly.", code="turns_backlogged") from None
+
+    model = await deps.models.resolve(body.model)
+    _validate_against_model(body, model)
+    conversation: Conversation | None = None
+    history: list[HistoryTurn] = []
+    if body.conversation_id:
+        conversation = await deps.conversations.get(body.conversation_id, principal.subject)
+        history = await deps.conversations.history(body.conversation_id)
+
+    if slot:
+        deps.inflight[slot] = time.monotonic()
+    handed_over = False
+    try:
+        upstream, served, degraded = await _open_with_fallback(deps, principal, body, model, conversation, history)
+        draft = _TurnDraft(body, principal, served, key or "", request_hash)
+        headers = {TURN_HEADER: draft.turn_id}
+        if body.conversation_id:
+            headers[CONVERSATION_HEADER] = body.conversation_id
+        if degraded:
+            headers[DEGRADED_HEADER] = "model-fallback"
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            handed_over = True  # the stream releases the key when it ends
+            return Stream(_relay(upstream, draft, deps, include_usage, slot), media_type="text/event-stream",
+                          headers={**SSE_HEADERS, **headers})
+        return await _aggregate(upstream, draft, deps, headers)
+    finally:
+        if slot and not handed_over:
+            deps.inflight.pop(slot, None)
+
+
+def _request_hash(body: ChatCompletionRequest) -> str:
+    """What the request asks, whatever its delivery: a stored answer replays streamed or not."""
+    asked = msgspec.structs.replace(body, stream=False, stream_options=None)
+    return hashlib.sha256(msgspec.json.encode(asked)).hexdigest()
+
+
+def _idempotency_key(request: Request) -> str | None:
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is None:
+        return None
+    key = key.strip()
+    if not key or len(key) > MAX_IDEMPOTENCY_KEY or not key.isprintable():
+        raise ApiError(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable characters.",
+                       param="Idempotency-Key", code="invalid_value")
+    return key
+
+
+async def _stored_turn(deps, user_id: str, key: str) -> TurnEvent | None:
+    found = deps.outbox.find_idempotent(user_id, key)
+    if found is not None:
+        return found
+    try:
+        return await deps.store.by_idempotency_key(user_id, key)
+    except Exception as exc:  # database away: what the outbox knows is all we know; answer rather than fail
+        log.warning("idempotency lookup failed", extra={"error": f"{type(exc).__name__}: {exc}"})
+        return None
+
+
+def _validate_against_model(body: ChatCompletionRequest, model: ModelRecord) -> None:
+    limit = body.token_limit()
+    if limit is not None and limit >= model.context_length:
+        param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        raise ApiError(400, f"{param} must be below the model's context length ({model.context_length}).",
+                       param=param, code="invalid_value")
+
+
+# ---- opening the stream, with the model fallback ----------------------------------------------
+
+async def _open_with_fallback(deps, principal: Principal, body: ChatCompletionRequest, model: ModelRecord,
+                              conversation: Conversation | None, history: list[HistoryTurn]
+                              ) -> tuple[httpx.Response, ModelRecord, bool]:
+    try:
+        return await _open(deps, principal, body, model, conversation, history), model, False
+    except _FallbackWorthy as failure:
+        if not model.fallback_model:
+            raise failure.error from None
+        try:
+            fallback = await deps.models.resolve(model.fallback_model)
+            _validate_against_model(body, fallback)
+        except ApiError:
+            raise failure.error from None
+        log.warning("model deployment failed before the first token; using its fallback",
+                    extra={"model": model.id, "fallback": fallback.id, "error": str(failure)})
+        try:
+            upstream = await _open(deps, principal, body, fallback, conversation, history)
+        except (_FallbackWorthy, ApiError):  # the fallback cannot help either: say what failed first
+            raise failure.error from None
+        FALLBACKS.labels("chat", "model-fallback").inc()
+        return upstream, fallback, True
+
+
+async def _open(deps, principal: Principal, body: ChatCompletionRequest, model: ModelRecord,
+                conversation: Conversation | None, history: list[HistoryTurn]) -> httpx.Response:
+    counter = await deps.tokenizers.counter(model)
+    reserve = body.token_limit() or min(DEFAULT_MAX_TOKENS, max(1, model.context_length // 4))
+    context = await build_context(
+        counter=counter, window=model.context_length, reserve=reserve,
+        system_prompt=conversation.system_prompt if conversation else "", history=history,
+        request_messages=body.plain_messages(), counts=deps.turn_counts)
+    upstream_body = InferenceRequest(
+        model=model.id, messages=[ChatMessage(role=m["role"], content=m["content"]) for m in context.messages],
+        stream=True, max_tokens=reserve, temperature=body.temperature, top_p=body.top_p, stop=body.stop,
+        seed=body.seed, stream_options=StreamOptions(include_usage=True), conversation_id=body.conversation_id,
+        deployment=model.deployment)
+    return await _open_inference_stream(deps, principal, upstream_body)
+
+
+async def _open_inference_stream(deps, principal: Principal, body: InferenceRequest) -> httpx.Response:
+    request = deps.inference.build_request(
+        "POST", "/v1/chat/completions", content=msgspec.json.encode(body),
+        headers={**deps.tokens.headers("inference", principal), "content-type": "application/json"},
+    )
+    try:
+        response = await deps.inference.send(request, stream=True)
+    except httpx.TimeoutException:
+        raise _FallbackWorthy(ApiError(504, "The inference service did not answer in time.", type="server_error",
+                                       code="upstream_timeout")) from None
+    except httpx.HTTPError:
+        raise _FallbackWorthy(unavailable("The inference service is unreachable.",
+                                          code="inference_unavailable")) from None
+    if response.status_code == 200:
+        return response
+    content = await response.aread()
+    await response.aclose()
+    try:
+        envelope = _error.decode(content)
+    except msgspec.MsgspecError:
+        envelope = ErrorEnvelope(ErrorBody(message="The inference service failed.", type="server_error"))
+    # caller errors pass through; upstream failures are the platform's (502), overload keeps its status
+    status = response.status_code if response.status_code < 500 or response.status_code == 503 else 502
+    headers = {"Retry-After": response.headers["retry-after"]} if "retry-after" in response.headers else None
+    error = ApiError(status, envelope.error.message, type=envelope.error.type, param=envelope.error.param,
+                     code=envelope.error.code, headers=headers)
+    if response.status_code >= 500 or response.status_code == 429:
+        raise _FallbackWorthy(error)
+    raise error
+
+
+# ---- the turn --------------------------------------------------------------------------------
+
+class _TurnDraft:
+    """Collects what the assistant said while the answer streams by, then spools the turn."""
+
+    def __init__(self, body: ChatCompletionRequest, principal: Principal, model: ModelRecord,
+                 idempotency_key: str, request_hash: str) -> None:
+        self.body = body
+        self.principal = principal
+        self.model = model
+        self.idempotency_key = idempotency_key
+        self.request_hash = request_hash
+        self.turn_id = f"turn_{uuid.uuid4().hex}"
+        self.parts: list[str] = []
+        self.finish_reason: str | None = None
+        self.usage: Usage | None = None
+        self.id = completion_id()
+
+    def read(self, data: str) -> StreamPeek:
+        chunk = _peek.decode(data)
+        for choice in chunk.choices:
+            if content := (choice.get("delta") or {}).get("content"):
+                self.parts.append(content)
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+        if chunk.id:
+            self.id = chunk.id
+        return chunk
+
+    @property
+    def complete_answer(self) -> bool:
+        return self.usage is not None and self.finish_reason is not None
+
+    async def record(self, deps) -> None:
+        """Spool the finished turn durably; returns once it is on disk."""
+        assert self.usage is not None and self.finish_reason is not None
+        created = time.time()
+        turn = TurnEvent(
+            turn_id=self.turn_id, conversation_id=self.body.conversation_id or f"conv_{uuid.uuid4().hex}",
+            user_id=self.principal.subject, model=self.model.id, request_messages=self.body.plain_messages(),
+            assistant="".join(self.parts), finish_reason=self.finish_reason, usage=self.usage,
+            request_id=request_id_var.get(), created=created, idempotency_key=self.idempotency_key,
+            request_hash=self.request_hash, completion_id=self.id,
+        )
+        usage = UsageEvent(
+            event_id=turn.turn_id, user_id=self.principal.subject, key_id=self.principal.key_id,
+            model=self.model.id, prompt_tokens=self.usage.prompt_tokens,
+            completion_tokens=self.usage.completion_tokens, created=created,
+        )
+        await deps.outbox.append(turn, usage)
+        if self.body.conversation_id:
+            deps.conversations.remember(turn)
+
+
+async def _relay(upstream: httpx.Response, turn: _TurnDraft, deps, include_usage: bool,
+                 slot: tuple[str, str] | None) -> AsyncIterator[bytes]:
+    try:
+        async for event in EventSource(upstream).aiter_sse():
+            if event.data == "[DONE]":
+                if not turn.complete_answer:
+                    break
+                try:
+                    await turn.record(deps)
+                except Exception:
+                    log.exception("answered turn could not be spooled", extra={"turn_id": turn.turn_id})
+                    yield error_frame(_not_recorded())
+                    return
+                yield DONE
+                return
+            chunk = turn.read(event.data)
+            if chunk.error is not None:
+                yield b"data: " + event.data.encode() + b"\n\n" + DONE
+                return
+            if chunk.usage is not None and not chunk.choices and not include_usage:
+                continue  # we asked for usage for ourselves; the caller did not
+            yield b"data: " + event.data.encode() + b"\n\n"
+        yield error_frame(_cut_error())
+    except httpx.HTTPError:
+        yield error_frame(_cut_error())
+    finally:
+        await upstream.aclose()
+        if slot:
+            deps.inflight.pop(slot, None)
+
+
+def _cut_error() -> ErrorEnvelope:
+    return ErrorEnvelope(ErrorBody(message="The model stream was cut before it finished.",
+                                   type="server_error", code="stream_interrupted"))
+
+
+def _not_recorded() -> ErrorEnvelope:
+    return ErrorEnvelope(ErrorBody(message="The answer could not be stored; retry with the same Idempotency-Key.",
+                                   type="server_error", code="turn_not_recorded"))
+
+
+async def _aggregate(upstream: httpx.Response, turn: _TurnDraft, deps, headers: dict[str, str]) -> Response:
+    try:
+        async for event in EventSource(upstream).aiter_sse():
+            if event.data == "[DONE]":
+                break
+            chunk = turn.read(event.data)
+            if chunk.error is not None:
+                raise ApiError(502, chunk.error.get("message", "Generation failed."), type="server_error",
+                               code=chunk.error.get("code"))
+    except httpx.HTTPError:
+        raise ApiError(502, _cut_error().error.message, type="server_error", code="stream_interrupted") from None
+    finally:
+        await upstream.aclose()
+    if not turn.complete_answer:
+        raise ApiError(502, _cut_error().error.message, type="server_error", code="stream_interrupted")
+    try:
+        await turn.record(deps)
+    except Exception:
+        log.exception("answered turn could not be spooled", extra={"turn_id": turn.turn_id})
+        raise ApiError(503, _not_recorded().error.message, type="server_error", code="turn_not_recorded") from None
+    completion = ChatCompletion(
+        id=turn.id, created=now(), model=turn.model.id,
+        choices=[Choice(index=0, message=ResponseMessage("assistant", "".join(turn.parts)),
+                        finish_reason=turn.finish_reason)],
+        usage=turn.usage,
+    )
+    return Response(content=msgspec.json.encode(completion), media_type="application/json", headers=headers)
+
+
+# ---- idempotent replay ----------------------------------------------------------------------------
+
+def _replay(turn: TurnEvent, body: ChatCompletionRequest) -> Response | Stream:
+    headers = {REPLAY_HEADER: "true", TURN_HEADER: turn.turn_id}
+    cid = turn.completion_id or f"chatcmpl-{turn.turn_id}"
+    created = int(turn.created)
+    if not body.stream:
+        completion = ChatCompletion(
+            id=cid, created=created, model=turn.model,
+            choices=[Choice(index=0, message=ResponseMessage("assistant", turn.assistant),
+                            finish_reason=turn.finish_reason)],
+            usage=turn.usage)
+        return Response(content=msgspec.json.encode(completion), media_type="application/json", headers=headers)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    async def frames() -> AsyncIterator[bytes]:
+        def chunk(delta: Delta, finish: str | None = None) -> bytes:
+            return frame(ChatCompletionChunk(id=cid, created=created, model=turn.model,
+                                             choices=[ChunkChoice(0, delta, finish)]))
+
+        yield chunk(Delta(role="assistant", content=""))
+        for piece in _pieces(turn.assistant):
+            yield chunk(Delta(content=piece))
+        yield chunk(Delta(), turn.finish_reason)
+        if include_usage:
+            yield frame(ChatCompletionChunk(id=cid, created=created, model=turn.model, choices=[], usage=turn.usage))
+        yield DONE
+
+    return Stream(frames(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+
+
+def _pieces(text: str, size: int = 64) -> list[str]:
+    """Split a stored answer into chunks at word boundaries, as a stream would have carried it."""
+    pieces, start = [], 0
+    while start < len(text):
+        end = min(len(text), start + size)
+        if end < len(text):
+            space = text.rfind(" ", start + 1, end)
+            end = space if space > start else end
+        pieces.append(text[start:end])
+        start = end
+    return pieces

@@ -1,0 +1,1 @@
+"""TEST AND BENCHMARK TOOLING ONLY: stand-ins for GPU runtimes, never deployed by the stack."""

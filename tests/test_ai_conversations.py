@@ -1,0 +1,190 @@
+"""Conversations through the whole chain (nginx -> router -> gateway ai -> chat): continue a conversation
+with the OpenAI SDK, keep the system prompt and the newest turns when the window is full, owner-only
+access, and answers replayed for a repeated Idempotency-Key.
+
+An "echo" synthetic model answers with one word per message of the context it received
+(`<role initial>:<first word>`), so a test can read back exactly what the model was given."""
+
+from __future__ import annotations
+
+import uuid
+
+import httpx
+import psycopg
+import pytest
+
+from ai_support import eventually, new_user, register_model
+
+CPU_MODEL = "smollm2-135m-instruct"
+SUFFIX = uuid.uuid4().hex[:6]
+ECHO = f"echo-{SUFFIX}"
+ECHO_SMALL = f"echo-small-{SUFFIX}"
+SLOW = f"slow-{SUFFIX}"
+
+
+@pytest.fixture(scope="module")
+async def models(base_url, admin_headers):
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
+        echo = {"engine": "synthetic", "tokenizer": "words", "params": {"echo": 1, "ttft_ms": 2, "itl_ms": 1}}
+        await register_model(http, admin_headers, id=ECHO, context_length=4096, **echo)
+        await register_model(http, admin_headers, id=ECHO_SMALL, context_length=80, **echo)
+        await register_model(http, admin_headers, id=SLOW, context_length=4096, engine="synthetic",
+                             params={"ttft_ms": 300, "itl_ms": 300, "tokens": 4})
+    return {"echo": ECHO, "small": ECHO_SMALL, "slow": SLOW}
+
+
+@pytest.fixture(scope="module")
+async def other_user(base_url, admin_headers) -> dict[str, str]:
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
+        _, key = await new_user(http, admin_headers)
+    return {"authorization": f"Bearer {key}"}
+
+
+async def new_conversation(http: httpx.AsyncClient, headers: dict, **fields) -> str:
+    resp = await http.post("/v1/conversations", json=fields, headers=headers)
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["object"] == "conversation"
+    return resp.json()["id"]
+
+
+def streamed_text(stream) -> str:
+    return "".join(choice.delta.content or "" for chunk in stream for choice in chunk.choices)
+
+
+async def test_openai_sdk_continues_a_conversation_with_its_context(openai_client, http, demo_headers, models):
+    cid = await new_conversation(http, demo_headers, title="pirates", system_prompt="Pirate talk only.")
+
+    first = openai_client.chat.completions.create(
+        model=models["echo"], messages=[{"role": "user", "content": "Alpha one"}],
+        extra_body={"conversation_id": cid})
+    second = streamed_text(openai_client.chat.completions.create(
+        model=models["echo"], messages=[{"role": "user", "content": "Bravo two"}], stream=True,
+        extra_body={"conversation_id": cid}))
+    third = openai_client.chat.completions.create(
+        model=models["echo"], messages=[{"role": "user", "content": "Charlie three"}],
+        extra_body={"conversation_id": cid})
+
+    assert first.choices[0].message.content == "s:Pirate u:Alpha"
+    assert second == "s:Pirate u:Alpha a:s:Pirate u:Bravo"  # streamed: the first turn is in its context
+    assert third.choices[0].message.content == "s:Pirate u:Alpha a:s:Pirate u:Bravo a:s:Pirate u:Charlie"
+    messages = (await http.get(f"/v1/conversations/{cid}/messages", headers=demo_headers)).json()["data"]
+    assert [(m["role"], m["content"]) for m in messages] == [
+        ("user", "Alpha one"), ("assistant", first.choices[0].message.content),
+        ("user", "Bravo two"), ("assistant", second),
+        ("user", "Charlie three"), ("assistant", third.choices[0].message.content)]
+
+
+async def test_the_cpu_model_sees_earlier_turns_of_the_conversation(openai_client, http, demo_headers):
+    cid = await new_conversation(http, demo_headers)
+
+    first = openai_client.chat.completions.create(
+        model=CPU_MODEL, max_tokens=4, temperature=0, messages=[{"role": "user", "content": "Say hello."}],
+        extra_body={"conversation_id": cid})
+    second = openai_client.chat.completions.create(
+        model=CPU_MODEL, max_tokens=4, temperature=0, messages=[{"role": "user", "content": "Say hello."}],
+        extra_body={"conversation_id": cid})
+
+    # the same question costs more prompt tokens the second time: the first turn came along
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens + first.usage.completion_tokens
+
+
+async def test_a_full_window_keeps_the_system_prompt_and_the_newest_turns(openai_client, http, demo_headers, models):
+    cid = await new_conversation(http, demo_headers, system_prompt="Pirate talk only.")
+    answers = []
+    for i in range(1, 5):
+        completion = openai_client.chat.completions.create(
+            model=models["small"], max_tokens=16, extra_body={"conversation_id": cid},
+            messages=[{"role": "user", "content": f"T{i} " + "pad " * 9}])
+        answers.append(completion.choices[0].message.content.split())
+
+    assert answers[1] == ["s:Pirate", "u:T1", "a:s:Pirate", "u:T2"]  # everything still fits
+    last = answers[3]
+    assert last[0] == "s:Pirate" and last[-1] == "u:T4"  # the system prompt and the question stay
+    assert "u:T3" in last  # the newest earlier turn stays
+    assert "u:T1" not in last  # the oldest went to make room
+
+
+async def test_a_request_too_long_for_the_window_is_a_400_naming_messages(http, demo_headers, models):
+    resp = await http.post("/v1/chat/completions", headers=demo_headers, json={
+        "model": models["small"], "max_tokens": 8, "messages": [{"role": "user", "content": "word " * 100}]})
+
+    assert resp.status_code == 400
+    assert resp.json()["error"]["param"] == "messages"
+    assert resp.json()["error"]["code"] == "context_length_exceeded"
+
+
+async def test_another_users_conversation_is_a_404_everywhere(http, demo_headers, other_user, models):
+    cid = await new_conversation(http, demo_headers, title="mine")
+    turn = {"model": models["echo"], "conversation_id": cid, "messages": [{"role": "user", "content": "secret"}]}
+    assert (await http.post("/v1/chat/completions", json=turn, headers=demo_headers)).status_code == 200
+
+    for resp in (
+        await http.get(f"/v1/conversations/{cid}", headers=other_user),
+        await http.get(f"/v1/conversations/{cid}/messages", headers=other_user),
+        await http.post("/v1/chat/completions", json=turn, headers=other_user),
+        await http.delete(f"/v1/conversations/{cid}", headers=other_user),
+    ):
+        assert resp.status_code == 404, resp.text
+        assert resp.json()["error"]["code"] == "conversation_not_found"
+    listed = (await http.get("/v1/conversations", headers=other_user)).json()["data"]
+    assert cid not in {c["id"] for c in listed}
+    # and it is still there for its owner
+    assert (await http.get(f"/v1/conversations/{cid}", headers=demo_headers)).json()["title"] == "mine"
+
+
+async def test_conversations_are_listed_newest_first_and_deleted_for_good(http, demo_headers, models):
+    older = await new_conversation(http, demo_headers, title="older")
+    newer = await new_conversation(http, demo_headers, title="newer", metadata={"topic": "tests"})
+
+    page = (await http.get("/v1/conversations", params={"limit": 2}, headers=demo_headers)).json()
+    assert [c["id"] for c in page["data"]] == [newer, older]
+    assert page["data"][0]["metadata"] == {"topic": "tests"}
+
+    deleted = await http.delete(f"/v1/conversations/{older}", headers=demo_headers)
+    assert deleted.status_code == 200 and deleted.json() == {"id": older, "deleted": True,
+                                                             "object": "conversation.deleted"}
+    assert (await http.get(f"/v1/conversations/{older}", headers=demo_headers)).status_code == 404
+    resp = await http.post("/v1/chat/completions", headers=demo_headers, json={
+        "model": models["echo"], "conversation_id": older, "messages": [{"role": "user", "content": "hi"}]})
+    assert resp.status_code == 404 and resp.json()["error"]["param"] == "conversation_id"
+
+
+async def test_a_repeated_idempotency_key_returns_the_stored_answer_not_a_second_one(
+        http, demo_headers, models, stack):
+    key = f"idem-{uuid.uuid4().hex}"
+    body = {"model": "synthetic", "temperature": 0.7, "max_tokens": 8,
+            "messages": [{"role": "user", "content": "Only once, please."}]}
+    headers = {**demo_headers, "Idempotency-Key": key}
+
+    first = await http.post("/v1/chat/completions", json=body, headers=headers)
+    again = await http.post("/v1/chat/completions", json=body, headers=headers)
+    async with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}, headers=headers) as resp:
+        streamed = [line async for line in resp.aiter_lines() if line.startswith("data: ")]
+    other = await http.post("/v1/chat/completions", json={**body, "max_tokens": 9}, headers=headers)
+
+    assert first.status_code == again.status_code == 200
+    assert again.headers["x-dualgate-idempotent-replay"] == "true"
+    assert again.json()["id"] == first.json()["id"]
+    assert again.json()["choices"] == first.json()["choices"] and again.json()["usage"] == first.json()["usage"]
+    assert streamed[-1] == "data: [DONE]" and first.json()["choices"][0]["message"]["content"].split()[0] in streamed[1]
+    assert other.status_code == 422 and other.json()["error"]["param"] == "Idempotency-Key"
+
+    def rows() -> int:
+        with psycopg.connect(stack.admin_dsn("chat"), connect_timeout=2) as conn:
+            return conn.execute("SELECT count(*) FROM turns WHERE idempotency_key = %s", (key,)).fetchone()[0]
+
+    await eventually(lambda: rows() == 1, timeout=20, what="the one turn persisted")
+    assert rows() == 1  # one generation, one turn
+
+
+async def test_the_same_idempotency_key_while_the_first_is_answering_is_a_409(http, demo_headers, models):
+    headers = {**demo_headers, "Idempotency-Key": f"busy-{uuid.uuid4().hex}"}
+    body = {"model": models["slow"], "max_tokens": 4, "stream": True,
+            "messages": [{"role": "user", "content": "take your time"}]}
+    async with http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as first:
+        assert first.status_code == 200
+        second = await http.post("/v1/chat/completions", json=body, headers=headers)
+        assert second.status_code == 409
+        assert second.json()["error"]["code"] == "idempotency_key_in_use"
+        assert second.headers["retry-after"] == "1"
+        await first.aread()
