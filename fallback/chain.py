@@ -44,6 +44,7 @@ class ChainRequest:
     cache_key: str | None
     reason: str
     extra_headers: dict[str, str]  # request headers to pass on (idempotency key)
+    model_known: bool = True  # the chat service has answered for this model before
 
 
 @dataclass
@@ -156,6 +157,8 @@ class SimplifiedModel:
         self.max_tokens = max_tokens
 
     async def answer(self, request: ChainRequest) -> Answer | None:
+        if not request.model_known:  # never an answer for a model that may not exist at all
+            return None
         body = request.body
         limit = min(body.token_limit() or self.max_tokens, self.max_tokens)
         fields = msgspec.structs.asdict(upstream_body(body, model=self.model, max_tokens=limit,

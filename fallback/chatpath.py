@@ -39,6 +39,7 @@ SSE = "text/event-stream"
 JSON = "application/json"
 _encoder = msgspec.json.Encoder()
 _PASS_HEADERS = ("idempotency-key",)
+MAX_KNOWN_MODELS = 1024
 
 
 class _UsageOnly(msgspec.Struct):
@@ -60,7 +61,8 @@ def check_plan(body: ChatCompletionRequest, identity: Identity) -> None:
                        param="model", code="model_not_found")
     limit = body.token_limit()
     if limit is not None and limit > plan.max_tokens:
-        raise ApiError(400, f"max_tokens may be at most {plan.max_tokens} on your plan.", param="max_tokens",
+        param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        raise ApiError(400, f"{param} may be at most {plan.max_tokens} on your plan.", param=param,
                        code="invalid_value")
 
 
@@ -75,6 +77,8 @@ class ChatPath:
     initial_hold: int = 256
     total_timeout: float = 300.0
     _background: set[asyncio.Task] = field(default_factory=set)
+    # models the chat service has answered for: the chain never stands in for a model nobody has seen
+    _known_models: set[str] = field(default_factory=set)
 
     async def handle(self, request: Request, identity: Identity, headers: dict[str, str]) -> Response | Stream:
         body: ChatCompletionRequest = decode_body(await request.body(), ChatCompletionRequest)
@@ -116,6 +120,8 @@ class ChatPath:
             await self._settle(reservation, 0)
             return Response(content, status_code=response.status_code,
                             headers=response_headers(response, headers), media_type=JSON)
+        if body.model not in self._known_models and len(self._known_models) < MAX_KNOWN_MODELS:
+            self._known_models.add(body.model)
         return await self._render(response, body, key, reservation, prompt, include_usage, headers)
 
     async def _fall_back(self, body: ChatCompletionRequest, identity: Identity, key: str | None, reason: str,
@@ -123,7 +129,8 @@ class ChatPath:
                          headers: dict[str, str]) -> Response | Stream:
         log.warning("chat failed before the first byte; fallback chain", extra={"reason": reason})
         answer = await self.chain.answer(ChainRequest(identity=identity, body=body, cache_key=key, reason=reason,
-                                                      extra_headers=passed))
+                                                      extra_headers=passed,
+                                                      model_known=body.model in self._known_models))
         if answer is None:
             await self._settle(reservation, 0)
             return degraded_response(self.service, reason, headers)

@@ -142,6 +142,12 @@ def ask(content: str, **extra) -> dict:
     return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 4, **extra}
 
 
+async def seen_before(gateway: Gateway) -> None:
+    """The chat service has answered for the model once: the chain may stand in for it."""
+    response = await gateway.http().post("/v1/chat/completions", json=ask("warm up", temperature=0.5))
+    assert response.status_code == 200 and "x-dualgate-degraded" not in response.headers
+
+
 def events(raw: bytes) -> list[bytes]:
     return [e for e in raw.split(b"\n\n") if e]
 
@@ -177,6 +183,7 @@ async def test_a_stream_cut_ends_with_an_error_event_then_done_never_a_bare_end(
 
 
 async def test_failure_before_the_first_byte_is_answered_by_the_fallback_chain_and_flagged(gateway):
+    await seen_before(gateway)
     gateway.chat.script.append(503)
     response = await stream(gateway.http(), ask("hello there", temperature=0.7))
     assert response.status_code == 200
@@ -206,6 +213,13 @@ async def test_the_chain_prefers_this_tenants_cached_answer_and_ends_in_a_flagge
     assert last.status_code == 503
     assert last.headers["x-dualgate-degraded"] == "degraded" and int(last.headers["retry-after"]) >= 1
     assert last.json()["error"]["type"] == "service_unavailable"
+
+
+async def test_the_chain_never_stands_in_for_a_model_the_chat_service_never_answered_for(gateway):
+    gateway.chat.script.append(503)  # say, the registry is down and this model was never resolved
+    response = await gateway.http().post("/v1/chat/completions", json=ask("x", model="never-seen"))
+    assert response.status_code == 503 and response.headers["x-dualgate-degraded"] == "degraded"
+    assert gateway.inference.calls == 0
 
 
 # ---- token budget --------------------------------------------------------------------------
@@ -309,6 +323,7 @@ async def test_a_burst_of_caller_400s_does_not_open_the_chat_breaker(gateway):
 
 
 async def test_5xx_and_timeouts_open_the_breaker_then_the_chain_answers_without_calling_chat(gateway):
+    await seen_before(gateway)
     gateway.chat.script.extend([502, httpx.ReadTimeout("slow"), 503])
     for _ in range(3):
         response = await gateway.http().post("/v1/chat/completions", json=ask("x y", temperature=0.5))
@@ -337,6 +352,7 @@ async def test_a_hung_chat_service_costs_one_first_byte_timeout_then_the_chain_a
         await asyncio.sleep(30)
         raise AssertionError("unreachable")
 
+    await seen_before(gateway)
     gateway.chat.client._transport = httpx.MockTransport(hang)
     started = asyncio.get_running_loop().time()
     response = await gateway.http().post("/v1/chat/completions", json=ask("x", temperature=0.5))
