@@ -83,7 +83,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
                                                                          "auth")}, attempts=1)
             auth_client = upstream_client(settings, settings.auth_url, read_timeout=AUTH_TIMEOUT)
             stack.push_async_callback(auth_client.aclose)
-            auth = _authenticator(settings, redis, auth_client, tokens, service_name)
+            auth_redis = redis_client(settings)  # apart from the limits' and cache's pool, as in the primary
+            stack.push_async_callback(auth_redis.aclose)
+            auth = _authenticator(settings, auth_redis, auth_client, tokens, service_name)
             if hasattr(auth, "start"):
                 await auth.start()
                 stack.push_async_callback(auth.stop)

@@ -82,7 +82,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
                                      budget=TokenBudget(redis, replicas=settings.gateway_replicas,
                                                         timeout=LIMITS_REDIS_TIMEOUT),
                                      initial_hold=settings.initial_token_hold, total_timeout=settings.total_timeout)
-            auth = Authenticator(auth_client, tokens, service_name, redis, issuer=settings.jwt_issuer,
+            # its own Redis client: the limits' and cache's bounded calls (cancelled on timeout) never
+            # share a connection pool with the auth-change subscription and its markers
+            auth_redis = redis_client(settings)
+            stack.push_async_callback(auth_redis.aclose)
+            auth = Authenticator(auth_client, tokens, service_name, auth_redis, issuer=settings.jwt_issuer,
                                  audience=settings.jwt_audience, cache_seconds=settings.auth_cache_seconds,
                                  snapshot_max_age=settings.auth_snapshot_max_age)
             await auth.start()
