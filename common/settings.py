@@ -94,6 +94,12 @@ class Settings(msgspec.Struct, kw_only=True):
     fallback_first_byte_timeout: float = 5.0  # the fallback gateway's and chain's short waits
     simplified_model: str = "smollm2-135m-instruct"
     simplified_max_tokens: int = 128
+    # the chain's CPU model in the gateway's own process (the stack turns it on for AI gateways);
+    # off, the layer asks the inference service's copy
+    simplified_in_process: bool = False
+    simplified_threads: int = 1
+    simplified_max_batch: int = 4
+    simplified_max_queue: int = 16
     fallback_rate_share: float = 0.5  # the fallback gateway admits this share of a plan's requests/min
     router_ip_rpm: int = 120_000  # per client IP, all routes
     router_first_byte_timeout: float = 60.0

@@ -2,33 +2,42 @@
 
 1. model fallback: the registry's fallback model for the requested one, through the chat service;
 2. cached response: this tenant's earlier answer to exactly this request (stale allowed);
-3. simplified model: the CPU SmolLM2 engine, asked directly on the inference service;
+3. simplified model: the CPU SmolLM2 engine in this gateway's own process (loaded in the
+   background at start), or, while that is not loaded or not enabled, on the inference service;
 4. (the caller's last resort) a degraded 503 with Retry-After.
 
 A layer answers or passes (None); it never raises for an upstream's failure. Each answer names
 its layer, which the caller flags (`x-dualgate-degraded: <layer>`) and counts.
 
-The simplified model runs in the inference service's process, not in the gateway's: the gateways
-stay small (no 1.5 GB torch model per gateway replica), never compete with the inference engine
-for the same CPU cores from a second copy, and need no code from a deployable they must not import.
+The in-process engine is what keeps answers coming when the inference service itself is down (the
+failure matrix's "inference" row); it costs each AI gateway ~0.6 GB and idles unless asked. Its
+answer has exactly the wire format of the inference service's (common.engines.render).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import httpx
 import msgspec
 
 from common.authn import Identity
 from common.contracts import ModelRecord
+from common.engines.base import GenerationRequest
+from common.engines.render import completion, sse_chunks
 from common.openai_schema import ChatCompletionRequest, EngineSpec, InferenceRequest, StreamOptions
 from common.proxy import Hop, UpstreamUnavailable
 from common.security import InternalTokens, service_principal
 from fallback.cache import CacheEntry, ResponseCache
+
+if TYPE_CHECKING:
+    from common.engines.cpu import CpuEngine
 
 log = logging.getLogger(__name__)
 
@@ -145,22 +154,82 @@ class CachedAnswer:
         return FromCache(self.name, entry) if entry else None
 
 
+class LocalModel:
+    """The CPU engine in this process, loaded in the background so the gateway is ready at once."""
+
+    def __init__(self, *, cache_dir: Path, threads: int, max_batch: int, max_queue: int) -> None:
+        self._options = {"cache_dir": cache_dir, "threads": threads, "max_batch": max_batch, "max_queue": max_queue}
+        self.engine: CpuEngine | None = None
+        self.error = ""
+        self._loading: asyncio.Task | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and self.engine.ready
+
+    @property
+    def state(self) -> str:
+        return "ready" if self.ready else self.error or "loading"
+
+    async def start(self) -> None:
+        self._loading = asyncio.create_task(self._load(), name="simplified-model-load")
+
+    async def _load(self) -> None:
+        try:
+            from common.engines.cpu import CpuEngine  # torch and transformers: seconds to import
+
+            engine = CpuEngine(**self._options)
+            await engine.start()
+            self.engine = engine
+            log.info("simplified model loaded in process")
+        except Exception as exc:  # the inference service's copy still serves the layer
+            self.error = f"{type(exc).__name__}: {exc}"[:200]
+            log.exception("simplified model failed to load")
+
+    async def stop(self) -> None:
+        if self._loading is not None:
+            self._loading.cancel()
+            await asyncio.gather(self._loading, return_exceptions=True)
+        if self.engine is not None:
+            await self.engine.stop()
+
+
+class _EngineStream(httpx.AsyncByteStream):
+    """An in-process answer as an httpx body, so the gateway relays it like any upstream's; closing
+    it (the caller went away) frees the engine's slot at once."""
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self._chunks = chunks
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._chunks:
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._chunks.aclose()
+
+
 class SimplifiedModel:
-    """The small CPU model on the inference service, asked directly (no chat, no models service)."""
+    """The small CPU model, under its own name: in this process when loaded, else on the inference service."""
 
     name = "simplified"
 
-    def __init__(self, inference: Hop, tokens: InternalTokens, model: str, max_tokens: int) -> None:
+    def __init__(self, inference: Hop, tokens: InternalTokens, model: str, max_tokens: int, service: str,
+                 local: LocalModel | None = None) -> None:
         self.inference = inference
         self.tokens = tokens
         self.model = model
         self.max_tokens = max_tokens
+        self.service = service
+        self.local = local
 
     async def answer(self, request: ChainRequest) -> Answer | None:
         if not request.model_known:  # never an answer for a model that may not exist at all
             return None
         body = request.body
         limit = min(body.token_limit() or self.max_tokens, self.max_tokens)
+        if self.local is not None and self.local.ready:
+            return await self._in_process(body, limit)
         fields = msgspec.structs.asdict(upstream_body(body, model=self.model, max_tokens=limit,
                                                       max_completion_tokens=None, conversation_id=None))
         content = _encoder.encode(InferenceRequest(**fields, deployment=EngineSpec(engine="cpu")))
@@ -172,10 +241,32 @@ class SimplifiedModel:
         ok = await _ok(response)
         return FromUpstream(self.name, ok) if ok else None
 
+    async def _in_process(self, body: ChatCompletionRequest, limit: int) -> Answer | None:
+        events = self.local.engine.generate(GenerationRequest(
+            messages=body.plain_messages(), max_tokens=limit, temperature=body.temperature, top_p=body.top_p,
+            stop=body.stop_list(), seed=body.seed))
+        try:
+            first = await events.__anext__()  # busy, too long a prompt, stopped: the layer passes
+        except Exception as exc:
+            await events.aclose()
+            log.warning("in-process simplified model could not answer", extra={"why": type(exc).__name__})
+            return None
+        if body.stream:  # usage always: the gateway settles the token budget with it
+            chunks = sse_chunks(first, events, self.model, True, self.service)
+            return FromUpstream(self.name, httpx.Response(200, headers={"content-type": "text/event-stream"},
+                                                          stream=_EngineStream(chunks)))
+        answer = await completion(first, events, self.model, self.service)
+        return FromUpstream(self.name, httpx.Response(200, headers={"content-type": JSON},
+                                                      content=_encoder.encode(answer)))
+
 
 class FallbackChain:
     def __init__(self, layers: list[Layer]) -> None:
         self.layers = layers
+
+    @property
+    def local_model(self) -> LocalModel | None:
+        return next((layer.local for layer in self.layers if isinstance(layer, SimplifiedModel)), None)
 
     async def answer(self, request: ChainRequest) -> Answer | None:
         for layer in self.layers:

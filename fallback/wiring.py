@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 from redis.asyncio import Redis
 
@@ -13,7 +14,7 @@ from common.proxy import Hop, RetryBudget
 from common.security import InternalTokens
 from common.settings import Settings
 from fallback.cache import ResponseCache
-from fallback.chain import CachedAnswer, FallbackChain, ModelFallback, SimplifiedModel
+from fallback.chain import CachedAnswer, FallbackChain, LocalModel, ModelFallback, SimplifiedModel
 
 
 # The limits' wait on Redis before the in-process share decides. Wider than the kit's default: the
@@ -54,20 +55,31 @@ async def build_hops(settings: Settings, stack: contextlib.AsyncExitStack, redis
     return hops
 
 
-def build_chain(settings: Settings, hops: dict[str, Hop], tokens: InternalTokens, cache: ResponseCache,
-                service: str) -> FallbackChain:
+async def build_chain(settings: Settings, stack: contextlib.AsyncExitStack, hops: dict[str, Hop],
+                      tokens: InternalTokens, cache: ResponseCache, service: str) -> FallbackChain:
+    """The chain; with `simplified_in_process` its CPU model starts loading now (stopped with `stack`)."""
+    local = None
+    if settings.simplified_in_process:
+        local = LocalModel(cache_dir=Path(settings.model_cache), threads=settings.simplified_threads,
+                           max_batch=settings.simplified_max_batch, max_queue=settings.simplified_max_queue)
+        await local.start()
+        stack.push_async_callback(local.stop)
     return FallbackChain([
         ModelFallback(hops["chat"], hops["models"], tokens, service),
         CachedAnswer(cache),
-        SimplifiedModel(hops["inference"], tokens, settings.simplified_model, settings.simplified_max_tokens),
+        SimplifiedModel(hops["inference"], tokens, settings.simplified_model, settings.simplified_max_tokens,
+                        service, local),
     ])
 
 
-def gateway_status(service: str, hops: dict[str, Hop], cache: ResponseCache) -> dict:
+def gateway_status(service: str, hops: dict[str, Hop], cache: ResponseCache,
+                   chain: FallbackChain | None = None) -> dict:
     fallbacks: dict[str, int] = {}
     for metric in FALLBACKS.collect():
         for sample in metric.samples:
             if sample.name.endswith("_total") and sample.labels.get("service") == service:
                 fallbacks[sample.labels["layer"]] = int(sample.value)
+    local = chain.local_model if chain is not None else None
     return {"service": service, "breakers": {name: hop.breaker.state for name, hop in hops.items()},
-            "cache": {"hits": cache.hits, "misses": cache.misses}, "fallbacks": fallbacks}
+            "cache": {"hits": cache.hits, "misses": cache.misses}, "fallbacks": fallbacks,
+            "simplified_model": local.state if local is not None else "on the inference service"}

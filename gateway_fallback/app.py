@@ -50,7 +50,7 @@ class FallbackDeps:
         return max(1, int(plan_limit * self.rate_share))
 
     def status(self) -> dict:
-        return gateway_status(self.service, self.hops, self.cache)
+        return gateway_status(self.service, self.hops, self.cache, self.chat_path.chain)
 
 
 def _authenticator(settings: Settings, redis, client, tokens: InternalTokens, service: str):
@@ -93,7 +93,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                                   local_entries=settings.cache_local_entries)
             stack.push_async_callback(cache.drain)
             chat_path = ChatPath(service=service_name, tokens=tokens, chat=hops["chat"],
-                                 chain=build_chain(settings, hops, tokens, cache, service_name), cache=cache,
+                                 chain=await build_chain(settings, stack, hops, tokens, cache, service_name), cache=cache,
                                  budget=TokenBudget(redis, replicas=settings.gateway_replicas,
                                                     timeout=LIMITS_REDIS_TIMEOUT),
                                  initial_hold=settings.initial_token_hold, total_timeout=settings.total_timeout)

@@ -42,7 +42,7 @@ class GatewayDeps:
     total_timeout: float
 
     def status(self) -> dict:
-        return gateway_status(self.service, self.hops, self.cache)
+        return gateway_status(self.service, self.hops, self.cache, self.chat_path.chain if self.chat_path else None)
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
@@ -78,7 +78,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             chat_path = None
             if settings.domain == "ai":
                 chat_path = ChatPath(service=service_name, tokens=tokens, chat=hops["chat"],
-                                     chain=build_chain(settings, hops, tokens, cache, service_name), cache=cache,
+                                     chain=await build_chain(settings, stack, hops, tokens, cache, service_name), cache=cache,
                                      budget=TokenBudget(redis, replicas=settings.gateway_replicas,
                                                         timeout=LIMITS_REDIS_TIMEOUT),
                                      initial_hold=settings.initial_token_hold, total_timeout=settings.total_timeout)

@@ -17,8 +17,7 @@ from common.breaker import AsyncBreaker
 from common.http import upstream_client
 from common.limits import RequestRateLimiter
 from common.settings import Settings
-from router.pools import GatewayPool, HealthChecker, gateway_session
-from router.proxy import EdgeProxy
+from router.pools import GatewayPool, HealthChecker, gateway_client
 from router.routes import route_handlers
 
 SERVICES = ("auth", "users", "chat", "models", "inference")
@@ -92,7 +91,7 @@ class RouterDeps:
         return msgspec.json.encode(body)
 
 
-def create_app(settings: Settings | None = None) -> EdgeProxy:
+def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or Settings.from_env(service="router")
 
     @asynccontextmanager
@@ -102,10 +101,10 @@ def create_app(settings: Settings | None = None) -> EdgeProxy:
             stack.push_async_callback(redis.aclose)
             probe = upstream_client(settings, read_timeout=settings.health_timeout)
             stack.push_async_callback(probe.aclose)
-            sessions = {}
+            clients = {}
             for name in ("identity", "ai", "fallback"):
-                sessions[name] = gateway_session(256, settings.connect_timeout, settings.router_first_byte_timeout)
-                stack.push_async_callback(sessions[name].close)
+                clients[name] = gateway_client(settings)
+                stack.push_async_callback(clients[name].aclose)
             breakers = {}
             for domain in ("identity", "ai"):
                 breakers[domain] = AsyncBreaker(f"gateway-{domain}", redis, fail_max=3,
@@ -113,11 +112,11 @@ def create_app(settings: Settings | None = None) -> EdgeProxy:
                 await breakers[domain].start()
                 stack.push_async_callback(breakers[domain].stop)
             pools = {
-                "identity": GatewayPool.of("identity", sessions["identity"],
+                "identity": GatewayPool.of("identity", clients["identity"],
                                            settings.url_list(settings.gateway_identity_urls), breakers["identity"]),
-                "ai": GatewayPool.of("ai", sessions["ai"], settings.url_list(settings.gateway_ai_urls), breakers["ai"]),
+                "ai": GatewayPool.of("ai", clients["ai"], settings.url_list(settings.gateway_ai_urls), breakers["ai"]),
             }
-            fallback = GatewayPool.of("fallback", sessions["fallback"], settings.url_list(settings.gateway_fallback_url))
+            fallback = GatewayPool.of("fallback", clients["fallback"], settings.url_list(settings.gateway_fallback_url))
             health = HealthChecker(probe, [*pools.values(), fallback], interval=settings.health_interval,
                                    timeout=settings.health_timeout)
             await health.start()
@@ -132,6 +131,4 @@ def create_app(settings: Settings | None = None) -> EdgeProxy:
             )
             yield
 
-    # the proxied paths skip Litestar's per-request machinery; health, metrics and /status use it
-    return EdgeProxy(create_service_app(settings, route_handlers=route_handlers, lifespan=lifespan),
-                     settings.service)
+    return create_service_app(settings, route_handlers=route_handlers, lifespan=lifespan)

@@ -4,9 +4,9 @@ A member that fails its health check (or refuses a connection) is taken out at o
 request still waiting for its first byte from it is released to fail over: one hung gateway never
 holds every request. It comes back on its first passing check.
 
-The hot path speaks to gateways through one aiohttp session per pool (its connector hands out an
-idle keep-alive connection in O(1); the router does nothing but relay bytes, and per-request client
-cost is most of what it spends). Health checks and /status use httpx, off the hot path.
+The hot path speaks to gateways through one long-lived httpx client per pool (keep-alive
+connections sized for the concurrency); health checks and /status use their own client, so a slow
+probe never takes a connection a request is waiting for.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import aiohttp
 import httpx
 
 from common.breaker import AsyncBreaker
+from common.http import upstream_client
+from common.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +29,9 @@ class MemberDown(Exception):
     """The member was found down while this request waited for its first byte."""
 
 
-def gateway_session(max_connections: int, connect_timeout: float, idle_timeout: float) -> aiohttp.ClientSession:
-    """One long-lived session per pool: keep-alive connections sized for the concurrency, bytes untouched."""
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, keepalive_timeout=30),
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=idle_timeout),
-        auto_decompress=False, skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-        cookie_jar=aiohttp.DummyCookieJar(),
-    )
+def gateway_client(settings: Settings) -> httpx.AsyncClient:
+    """One long-lived client per pool; its read timeout is the router's first-byte (and idle) bound."""
+    return upstream_client(settings, read_timeout=settings.router_first_byte_timeout)
 
 
 @dataclass(eq=False)
@@ -70,15 +66,15 @@ class Member:
 @dataclass(eq=False)
 class GatewayPool:
     name: str
-    session: aiohttp.ClientSession
+    client: httpx.AsyncClient
     members: list[Member]
     breaker: AsyncBreaker | None = None
     failovers: int = 0
     _next: int = 0
 
     @classmethod
-    def of(cls, name: str, session: aiohttp.ClientSession, urls: list[str], breaker: AsyncBreaker | None = None):
-        return cls(name=name, session=session, members=[Member(u) for u in urls], breaker=breaker)
+    def of(cls, name: str, client: httpx.AsyncClient, urls: list[str], breaker: AsyncBreaker | None = None):
+        return cls(name=name, client=client, members=[Member(u) for u in urls], breaker=breaker)
 
     def pick(self, exclude: tuple[Member, ...] = ()) -> Member | None:
         """Round robin over the healthy members."""
@@ -91,11 +87,11 @@ class GatewayPool:
         return None
 
     async def send(self, member: Member, method: str, url: str, body: bytes, headers: list[tuple[str, str]],
-                   first_byte_timeout: float) -> aiohttp.ClientResponse:
-        """The member's status line and headers, or MemberDown / TimeoutError / aiohttp errors."""
+                   first_byte_timeout: float) -> httpx.Response:
+        """The member's status line and headers (body unread), or MemberDown / TimeoutError / httpx errors."""
         down = member.down_signal()
-        sending = asyncio.ensure_future(self.session.request(method, url, data=body or None, headers=headers,
-                                                             allow_redirects=False))
+        request = self.client.build_request(method, url, content=body or None, headers=headers)
+        sending = asyncio.ensure_future(self.client.send(request, stream=True))
         done, _ = await asyncio.wait((sending, down), timeout=first_byte_timeout,
                                      return_when=asyncio.FIRST_COMPLETED)
         if sending in done:
@@ -103,7 +99,7 @@ class GatewayPool:
         sending.cancel()
         try:
             response = await sending
-            response.close()
+            await response.aclose()
         except BaseException:  # cancelled or failed: either way it is abandoned
             pass
         if down in done:

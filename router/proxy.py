@@ -1,4 +1,4 @@
-"""The router's hot path as a plain ASGI app: route by prefix, per-IP bucket, body limit, relay.
+"""The router's hot path: route by prefix, per-IP bucket, body limit, relay.
 
 Per request: per-IP token bucket, body limit, request id and traceparent (set by the observability
 middleware, passed on), then a healthy member of the domain's pool behind the domain's breaker. A
@@ -6,22 +6,24 @@ connect error, a timeout, the member found down, or an unflagged 5xx before the 
 same request to the fallback gateway (`x-dualgate-route: fallback`). After the first byte the answer
 is relayed as it comes, unbuffered, and never replayed; a stream cut then ends with an error event.
 
-Health, readiness, metrics and /status stay in the Litestar app; this path skips its per-request
-machinery because relaying bytes is all it does.
+It is a Litestar ASGI handler mounted at "/" (the app's own routes, /status, /healthz, /readyz and
+/metrics, match first): relaying bytes is all it does, so it takes scope/receive/send as they are
+rather than parsing a request and building a response it would only copy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
-import aiohttp
+import httpx
 import msgspec
-from litestar.types import ASGIApp, Receive, Scope, Send
+from litestar.handlers import asgi
+from litestar.types import Receive, Scope, Send
 
-from common.app import ObservabilityMiddleware
 from common.breaker import BreakerOpen
-from common.errors import ApiError
+from common.errors import ApiError, not_found
 from common.http import HOP_HEADERS
 from common.limits import rate_headers, retry_after
 from common.logging import request_id_var, trace_id_var
@@ -30,6 +32,9 @@ from common.proxy import UPSTREAM_HEADER
 from common.sse import error_event
 from fallback import DEGRADED_HEADER
 from router.pools import GatewayPool, Member, MemberDown
+
+if TYPE_CHECKING:
+    from router.app import RouterDeps
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +92,7 @@ _NO_BREAKER = _NoBreaker()
 
 
 async def _try_pool(pool: GatewayPool, method: str, path_qs: str, body: bytes, headers: list[tuple[str, str]],
-                    first_byte_timeout: float) -> aiohttp.ClientResponse:
+                    first_byte_timeout: float) -> httpx.Response:
     """A response from a healthy member (trying the next one after a refused connection), or _Failed."""
     breaker = pool.breaker or _NO_BREAKER
     tried: tuple[Member, ...] = ()
@@ -98,30 +103,30 @@ async def _try_pool(pool: GatewayPool, method: str, path_qs: str, body: bytes, h
                 try:
                     response = await pool.send(member, method, member.url + path_qs, body, headers,
                                                first_byte_timeout)
-                except aiohttp.ClientConnectorError:
+                except httpx.ConnectError:
                     attempt.failed = True
                     member.mark_down("connection refused")
                     raise
-                except (MemberDown, TimeoutError, aiohttp.ClientError):
+                except (MemberDown, TimeoutError, httpx.HTTPError):
                     attempt.failed = True
                     raise
                 # a flagged degraded answer, an upstream's own error passed on, or a limit's 429 comes
                 # from a healthy gateway: relayed, not failed over
-                attempt.failed = (response.status >= 500 and DEGRADED_HEADER not in response.headers
+                attempt.failed = (response.status_code >= 500 and DEGRADED_HEADER not in response.headers
                                   and UPSTREAM_HEADER not in response.headers)
         except BreakerOpen:
             raise _Failed("circuit open") from None
-        except aiohttp.ClientConnectorError:
+        except httpx.ConnectError:
             continue  # nothing was sent: the next member may take it
         except MemberDown as exc:
             raise _Failed(f"gateway down ({exc})") from None
-        except TimeoutError:
+        except (TimeoutError, httpx.TimeoutException):
             raise _Failed("no first byte in time") from None
-        except aiohttp.ClientError as exc:
+        except httpx.HTTPError as exc:
             raise _Failed(type(exc).__name__) from None
         if attempt.failed:
-            response.close()
-            raise _Failed(f"status {response.status}")
+            await response.aclose()
+            raise _Failed(f"status {response.status_code}")
         return response
     raise _Failed("no healthy gateway")
 
@@ -138,86 +143,78 @@ async def _send_error(send: Send, error: ApiError, extra: dict[str, str] | None 
     await _send_whole(send, error.status, headers, _encoder.encode(error.body))
 
 
-class EdgeProxy:
-    """Proxied paths here; everything else (health, readiness, metrics, /status) to the Litestar app."""
+@asgi("/", is_mount=True, copy_scope=False)
+async def proxy(scope: Scope, receive: Receive, send: Send) -> None:
+    """Every path the app's own routes do not match: a domain's, relayed, or a 404."""
+    # as the client sent it, relayed unchanged (the mount rewrites scope["path"])
+    path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+    domain = domain_of(path)
+    scope["path_template"] = f"/proxy/{domain}" if domain else "unmatched"
+    try:
+        if domain is None:
+            raise not_found(f"No route for {scope['method']} {path}.", code="unknown_route")
+        await _route(scope["app"].state.deps, domain, path, scope, receive, send)
+    except ApiError as error:
+        await _send_error(send, error)
+    except _ClientGone:
+        pass
 
-    def __init__(self, app: ASGIApp, service: str) -> None:
-        self.app = app
-        self._observed = ObservabilityMiddleware(self._proxy, service)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and domain_of(scope["path"]) is not None:
-            scope["path_template"] = "/{path:path}"
-            await self._observed(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
-
-    async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
+async def _route(deps: RouterDeps, domain: str, path: str, scope: Scope, receive: Receive, send: Send) -> None:
+    peer = scope["client"][0] if scope.get("client") else ""
+    forwarded = request_id = traceparent = None
+    length = -1
+    headers: list[tuple[str, str]] = []
+    for name, value in scope["headers"]:
+        if name == b"x-forwarded-for":
+            forwarded = value.decode("latin-1")
+            continue
+        if name == b"content-length":
+            length = int(value) if value.isdigit() else -1
+        elif name == b"x-request-id":
+            request_id = value
+        elif name == b"traceparent":
+            traceparent = value
+        if name not in _DROP_REQUEST:
+            headers.append((name.decode("latin-1"), value.decode("latin-1")))
+    ip = forwarded.rsplit(",", 1)[-1].strip() if forwarded and peer in TRUSTED_PROXIES else peer
+    decision = await deps.ip_limiter.hit(ip, deps.ip_limit)
+    if not decision.allowed:
+        RATE_LIMITED.labels("router", "ip").inc()
+        raise ApiError(429, f"Too many requests from this address ({decision.limit} per minute).",
+                       type="requests", code="rate_limit_exceeded",
+                       headers={**rate_headers(requests=decision), "Retry-After": retry_after(decision.retry_after)})
+    if length > deps.max_body_bytes:
+        raise ApiError(413, "Request body too large.", code="request_too_large")
+    body = await _read_body(receive, deps.max_body_bytes)
+    headers.append(("x-forwarded-for", ip))
+    if request_id is None:
+        headers.append(("x-request-id", request_id_var.get()))
+    if traceparent is None:
+        headers.append(("traceparent", f"00-{trace_id_var.get()}-{'0' * 15}1-01"))
+    query = scope.get("query_string") or b""
+    path_qs = path + ("?" + query.decode("latin-1") if query else "")
+    method = scope["method"]
+    pool: GatewayPool = deps.pools[domain]
+    try:
+        upstream = await _try_pool(pool, method, path_qs, body, headers, deps.first_byte_timeout)
+        route = domain
+    except _Failed as failed:
+        # nothing has reached the client yet: the same request goes to the fallback gateway
+        pool.failovers += 1
+        FAILOVERS.labels(domain, failed.reason.split(" ")[0]).inc()
+        log.warning("gateway failed before first byte, failing over",
+                    extra={"domain": domain, "reason": failed.reason})
         try:
-            await self._route(scope, receive, send)
-        except ApiError as error:
-            await _send_error(send, error)
-        except _ClientGone:
-            pass
-
-    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
-        deps = self.app.state.deps
-        path: str = scope["path"]
-        domain = domain_of(path)
-        peer = scope["client"][0] if scope.get("client") else ""
-        forwarded = request_id = traceparent = None
-        length = -1
-        headers: list[tuple[str, str]] = []
-        for name, value in scope["headers"]:
-            if name == b"x-forwarded-for":
-                forwarded = value.decode("latin-1")
-                continue
-            if name == b"content-length":
-                length = int(value) if value.isdigit() else -1
-            elif name == b"x-request-id":
-                request_id = value
-            elif name == b"traceparent":
-                traceparent = value
-            if name not in _DROP_REQUEST:
-                headers.append((name.decode("latin-1"), value.decode("latin-1")))
-        ip = forwarded.rsplit(",", 1)[-1].strip() if forwarded and peer in TRUSTED_PROXIES else peer
-        decision = await deps.ip_limiter.hit(ip, deps.ip_limit)
-        if not decision.allowed:
-            RATE_LIMITED.labels("router", "ip").inc()
-            raise ApiError(429, f"Too many requests from this address ({decision.limit} per minute).",
-                           type="requests", code="rate_limit_exceeded",
-                           headers={**rate_headers(requests=decision), "Retry-After": retry_after(decision.retry_after)})
-        if length > deps.max_body_bytes:
-            raise ApiError(413, "Request body too large.", code="request_too_large")
-        body = await _read_body(receive, deps.max_body_bytes)
-        headers.append(("x-forwarded-for", ip))
-        if request_id is None:
-            headers.append(("x-request-id", request_id_var.get()))
-        if traceparent is None:
-            headers.append(("traceparent", f"00-{trace_id_var.get()}-{'0' * 15}1-01"))
-        query = scope.get("query_string") or b""
-        path_qs = path + ("?" + query.decode("latin-1") if query else "")
-        method = scope["method"]
-        pool: GatewayPool = deps.pools[domain]
-        try:
-            upstream = await _try_pool(pool, method, path_qs, body, headers, deps.first_byte_timeout)
-            route = domain
-        except _Failed as failed:
-            # nothing has reached the client yet: the same request goes to the fallback gateway
-            pool.failovers += 1
-            FAILOVERS.labels(domain, failed.reason.split(" ")[0]).inc()
-            log.warning("gateway failed before first byte, failing over",
-                        extra={"domain": domain, "reason": failed.reason})
-            try:
-                upstream = await _try_pool(deps.fallback, method, path_qs, body, headers, deps.first_byte_timeout)
-                route = "fallback"
-            except _Failed as also:
-                FALLBACKS.labels("router", "degraded").inc()
-                raise ApiError(503, f"The service is degraded and cannot answer this request now ({domain} gateway: "
-                               f"{failed.reason}; fallback gateway: {also.reason}). Retry shortly.",
-                               type="service_unavailable", code="degraded",
-                               headers={"Retry-After": "5", DEGRADED_HEADER: "degraded", ROUTE_HEADER: "none"}) from None
-        await _relay(upstream, route, receive, send)
+            upstream = await _try_pool(deps.fallback, method, path_qs, body, headers, deps.first_byte_timeout)
+            route = "fallback"
+        except _Failed as also:
+            FALLBACKS.labels("router", "degraded").inc()
+            raise ApiError(503, f"The service is degraded and cannot answer this request now ({domain} gateway: "
+                           f"{failed.reason}; fallback gateway: {also.reason}). Retry shortly.",
+                           type="service_unavailable", code="degraded",
+                           headers={"Retry-After": "5", DEGRADED_HEADER: "degraded", ROUTE_HEADER: "none"}) from None
+    await _relay(upstream, route, receive, send)
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes:
@@ -236,30 +233,30 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
             return b"".join(parts)
 
 
-async def _relay(upstream: aiohttp.ClientResponse, route: str, receive: Receive, send: Send) -> None:
-    headers = [(name.lower(), value) for name, value in upstream.raw_headers if name.lower() not in _DROP_RESPONSE]
+async def _relay(upstream: httpx.Response, route: str, receive: Receive, send: Send) -> None:
+    headers = [(name.lower(), value) for name, value in upstream.headers.raw if name.lower() not in _DROP_RESPONSE]
     headers.append((b"x-dualgate-route", route.encode()))
     content_type = upstream.headers.get("content-type", "").encode()
-    length = upstream.content_length
+    length = upstream.headers.get("content-length")
     try:
-        if length is not None and length <= SMALL_BODY and not content_type.startswith(_SSE):
+        if length is not None and length.isdigit() and int(length) <= SMALL_BODY and not content_type.startswith(_SSE):
             try:
-                body = await upstream.read()
-            except (aiohttp.ClientError, TimeoutError):
+                body = b"".join([chunk async for chunk in upstream.aiter_raw()])
+            except httpx.HTTPError:
                 raise ApiError(502, "The gateway's answer was cut before it finished.", type="server_error",
                                code="stream_interrupted") from None
-            await _send_whole(send, upstream.status, headers, body)
+            await _send_whole(send, upstream.status_code, headers, body)
             return
-        await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
+        await send({"type": "http.response.start", "status": upstream.status_code, "headers": headers})
         gone = asyncio.ensure_future(receive())  # resolves when the client disconnects
         ended_clean = True
         try:
-            async for chunk in upstream.content.iter_any():
+            async for chunk in upstream.aiter_raw():
                 if gone.done():
                     return
                 ended_clean = chunk.endswith(b"\n\n")
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except (aiohttp.ClientError, TimeoutError):
+        except httpx.HTTPError:
             if content_type.startswith(_SSE):  # never a silent cut: the client is told
                 tail = b"" if ended_clean else b"\n\n"
                 await send({"type": "http.response.body", "more_body": True,
@@ -269,7 +266,4 @@ async def _relay(upstream: aiohttp.ClientResponse, route: str, receive: Receive,
             gone.cancel()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     finally:
-        if upstream.content.at_eof():
-            upstream.release()  # the connection goes back to the pool
-        else:
-            upstream.close()
+        await upstream.aclose()  # back to the pool when read whole, closed otherwise

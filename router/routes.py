@@ -1,11 +1,11 @@
-"""The router's own routes: /status. Proxied paths are served by router.proxy.EdgeProxy."""
+"""The router's routes: its own /status, then every other path relayed by router.proxy."""
 
 from __future__ import annotations
 
-from litestar import HttpMethod, Request, Response, get, route
+from litestar import Response, get
 from litestar.datastructures import State
 
-from common.errors import not_found
+from router.proxy import proxy
 
 
 @get("/status", include_in_schema=False)
@@ -14,10 +14,4 @@ async def status(state: State) -> Response:
     return Response(await state.deps.status(), media_type="application/json")
 
 
-@route("/{path:path}", http_method=[HttpMethod.GET, HttpMethod.POST, HttpMethod.PUT, HttpMethod.PATCH,
-                                    HttpMethod.DELETE], include_in_schema=False)
-async def unknown(request: Request) -> Response:
-    raise not_found(f"No route for {request.method} {request.url.path}.", code="unknown_route")
-
-
-route_handlers = [status, unknown]
+route_handlers = [status, proxy]

@@ -25,7 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiohttp
+import h11
 import httpx
 import msgspec
 from rich.console import Console
@@ -56,25 +56,25 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-async def one_request(client: aiohttp.ClientSession, url: str, headers, body, samples: Samples) -> None:
-    """One streamed request. The client is aiohttp: the load generator shares the two cores with the
+async def one_request(client: httpx.AsyncClient, url: str, headers, body, samples: Samples) -> None:
+    """One streamed request, read as raw chunks: the load generator shares the two cores with the
     stack it measures, so it must cost as little as possible per chunk (the same for both paths)."""
     headers = headers.next() if isinstance(headers, _Rotating) else headers
     body = body() if callable(body) else body
     started = time.perf_counter()
     first = None
     try:
-        async with client.post(url, data=body, headers=headers) as resp:
-            if resp.status != 200:
+        async with client.stream("POST", url, content=body, headers=headers) as resp:
+            if resp.status_code != 200:
                 samples.errors += 1
-                await resp.read()
+                await resp.aread()
                 return
-            async for chunk in resp.content.iter_any():
+            async for chunk in resp.aiter_raw():
                 if first is None and FIRST_TOKEN.search(chunk):
                     first = time.perf_counter()
                 if chunk.rstrip().endswith(b"[DONE]"):
                     break
-    except (aiohttp.ClientError, TimeoutError):
+    except httpx.HTTPError:
         samples.errors += 1
         return
     done = time.perf_counter()
@@ -153,9 +153,8 @@ async def overhead(config: StackConfig, requests: int, levels: list[int], consol
     direct_url = f"{config.url('inference')}/v1/chat/completions"
     chain_url = f"{config.base_url}/v1/chat/completions"
     results: dict = {"levels": {}}
-    connector = aiohttp.TCPConnector(limit=max(levels) * 2)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30),
-                                     auto_decompress=False) as client:
+    limits = httpx.Limits(max_connections=max(levels) * 2, max_keepalive_connections=max(levels) * 2)
+    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
         # warm every pool and cache on both paths
         warm = Samples()
         for _ in range(10):
@@ -208,39 +207,36 @@ CACHE_BODY = {"model": "synthetic", "temperature": 0, "max_tokens": 16,
               "messages": [{"role": "user", "content": "a cached benchmark answer"}]}
 
 
-def _raw_request(host: str, port: int, key: str, body: bytes) -> bytes:
-    return (f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}:{port}\r\nauthorization: Bearer {key}\r\n"
-            f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n").encode() + body
+def _cache_request(host: str, port: int, key: str, body: bytes) -> list:
+    """One keep-alive request as h11 events: built once, sent many times."""
+    head = h11.Request(method="POST", target="/v1/chat/completions",
+                       headers=[("host", f"{host}:{port}"), ("authorization", f"Bearer {key}"),
+                                ("content-type", "application/json"), ("content-length", str(len(body)))])
+    return [head, h11.Data(data=body), h11.EndOfMessage()]
 
 
-async def _raw_worker(host: str, port: int, requests: list[bytes], until: float, latencies: list[float],
+async def _raw_worker(host: str, port: int, requests: list[list], until: float, latencies: list[float],
                       outcomes: Counter) -> None:
-    """A keep-alive HTTP/1.1 client with nothing in it: the load generator must cost less than the
-    servers it measures, on the same two cores."""
+    """A keep-alive HTTP/1.1 client over h11 and a bare socket, with nothing else in it: the load
+    generator must cost less than the servers it measures, on the same two cores."""
     reader, writer = await asyncio.open_connection(host, port)
+    connection = h11.Connection(h11.CLIENT)
     i = 0
     try:
         while time.perf_counter() < until:
             started = time.perf_counter()
-            writer.write(requests[i % len(requests)])
+            writer.write(b"".join(connection.send(event) for event in requests[i % len(requests)]))
             i += 1
-            status = int((await reader.readline()).split(b" ", 2)[1])
-            length, hit, chunked = 0, False, False
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                name, _, value = line.partition(b":")
-                name = name.lower()
-                if name == b"content-length":
-                    length = int(value)
-                elif name == b"x-cache":
-                    hit = value.strip() == b"hit"
-                elif name == b"transfer-encoding":
-                    chunked = b"chunked" in value
-            if chunked:
-                while size := int((await reader.readline()).split(b";")[0], 16):
-                    await reader.readexactly(size + 2)
-                await reader.readline()
-            else:
-                await reader.readexactly(length)
+            status, hit = 0, False
+            while True:
+                event = connection.next_event()
+                if event is h11.NEED_DATA:
+                    connection.receive_data(await reader.read(65536))
+                elif isinstance(event, h11.Response):
+                    status, hit = event.status_code, (b"x-cache", b"hit") in event.headers
+                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                    break
+            connection.start_next_cycle()
             latencies.append((time.perf_counter() - started) * 1000)
             outcomes["hit" if status == 200 and hit else f"status {status}" if status != 200 else "miss"] += 1
     finally:
@@ -257,7 +253,7 @@ async def cache_bench(config: StackConfig, seconds: float, concurrency: int, via
         for key in keys:
             http.post(f"http://{host}:{port}/v1/chat/completions", content=body,
                       headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
-    requests = [_raw_request(host, port, key, body) for key in keys]
+    requests = [_cache_request(host, port, key, body) for key in keys]
     warm: list[float] = []
     await asyncio.gather(*(_raw_worker(host, port, requests, time.perf_counter() + 1.0, warm, Counter())
                            for _ in range(concurrency)))

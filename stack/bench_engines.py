@@ -64,7 +64,7 @@ def write(results: dict, output: str, console: Console) -> None:
 # ---- cpu ----------------------------------------------------------------------------------------
 
 async def _cpu_level(engine, concurrency: int, max_tokens: int, rounds: int) -> dict:
-    from services.inference.engines.base import Finished, GenerationRequest, TokenDelta
+    from common.engines.base import Finished, GenerationRequest, TokenDelta
 
     ttfts: list[float] = []
     tokens = 0
@@ -96,7 +96,7 @@ async def _cpu_level(engine, concurrency: int, max_tokens: int, rounds: int) -> 
 
 
 async def cpu_bench(levels: list[int], max_tokens: int, rounds: int, threads: int, max_batch: int) -> dict:
-    from services.inference.engines.cpu import CpuEngine
+    from common.engines.cpu import CpuEngine
     from stack.config import StackConfig
 
     engine = CpuEngine(cache_dir=StackConfig().model_cache, threads=threads, max_batch=max_batch,
@@ -140,7 +140,7 @@ async def routing_bench(workers: int, conversations: int, turns: int, concurrenc
                         itl_ms: float, tokens: int) -> dict:
     import httpx
 
-    from services.inference.engines.base import Finished, GenerationRequest
+    from common.engines.base import Finished, GenerationRequest
     from services.inference.engines.sglang import WorkerOptions, WorkerPool
     from services.inference.testing.fake_sglang_worker import FakeSglangWorker
 

@@ -167,6 +167,9 @@ def _service_env(config: StackConfig, creds: Credentials, name: str) -> dict[str
         env["DUALGATE_DATABASE_URL"] = config.database_url(DATABASES[name])
     if name.startswith("gateway-") and name != "gateway-fallback":
         env["DUALGATE_DOMAIN"] = name.removeprefix("gateway-")
+    if name in ("gateway-ai", *REPLICA_OF, "gateway-fallback"):
+        # the chain's simplified model in process: answers go on with the inference service down
+        env["DUALGATE_SIMPLIFIED_IN_PROCESS"] = os.environ.get("DUALGATE_SIMPLIFIED_IN_PROCESS", "true")
     if name == "auth":
         env["DUALGATE_BOOTSTRAP_ADMIN_KEY"] = creds.admin_key
     if name == "chat":  # the durable turn spool (outbox) lives with the stack's data

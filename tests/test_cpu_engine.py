@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from services.inference.engines.cpu import (
+from common.engines.cpu import (
     CpuEngine, EngineBusy, EngineStopped, Finished, GenerationRequest, TokenDelta, measure_throughput,
 )
 

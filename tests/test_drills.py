@@ -18,13 +18,6 @@ from common.settings import REPO_ROOT
 from stack.drill import SCENARIOS, make_tenants, run_drill
 from stack.credentials import load_or_create
 
-# rows whose answers (not only honest flags) need work that lands with another issue
-NEEDS = {
-    "inference": "the simplified model runs on the inference service itself; answers with inference down need "
-                 "a second inference replica or a registry fallback model on another engine (issue 4)",
-}
-
-
 @pytest.fixture(scope="module")
 def tenants(stack):
     async def make():
@@ -34,7 +27,7 @@ def tenants(stack):
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
-def test_drill_keeps_every_answer_served_or_flagged_and_loses_nothing(stack, tenants, name, request):
+def test_drill_keeps_every_answer_served_or_flagged_and_loses_nothing(stack, tenants, name):
     report, samples = asyncio.run(run_drill(stack, SCENARIOS[name], short=True, turns_wait=20.0, tenants=tenants))
     context = json.dumps({k: report[k] for k in ("outcomes", "errors", "degraded_layers", "routes")})
     assert report["requests"] >= 40, context  # the load ran (slow fallback answers lower the count)
@@ -51,8 +44,6 @@ def test_drill_keeps_every_answer_served_or_flagged_and_loses_nothing(stack, ten
     answer = httpx.get(f"{stack.config.base_url}/v1/models", headers={"authorization": f"Bearer {creds.demo_key}"},
                        timeout=30)
     assert answer.status_code == 200 and answer.headers["x-dualgate-route"] == "ai"
-    if name in NEEDS:
-        request.applymarker(pytest.mark.xfail(reason=NEEDS[name], strict=False))
     assert report["availability"] >= 0.99, context
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import msgspec
@@ -24,12 +26,13 @@ from common.breaker import AsyncBreaker
 from common.contracts import PlanLimits
 from common.errors import EXCEPTION_HANDLERS
 from common.limits import TokenBudget
+from common.openai_schema import ChatCompletionRequest
 from common.proxy import Hop, RetryBudget, UpstreamUnavailable
 from common.security import InternalTokens, Principal
 from common.sse import StreamTap
 from edge_support import eventually, sse_body, valkey_server
 from fallback.cache import CacheEntry, ResponseCache
-from fallback.chain import CachedAnswer, FallbackChain, SimplifiedModel
+from fallback.chain import CachedAnswer, ChainRequest, FallbackChain, LocalModel, SimplifiedModel
 from fallback.chatpath import ChatPath
 
 MODEL = "synthetic"
@@ -88,7 +91,7 @@ class Gateway:
     """The chat path behind a tiny app; the bearer key names the user."""
 
     def __init__(self, redis: Redis, *, tokens_per_day: int = 1_000_000, chain: bool = True,
-                 first_byte: float = 0.5) -> None:
+                 first_byte: float = 0.5, local: LocalModel | None = None) -> None:
         self.chat = ScriptedModel("chat")
         self.inference = ScriptedModel("inference")
         self.redis = redis
@@ -101,7 +104,8 @@ class Gateway:
         inference = Hop("inference", self.inference.client, AsyncBreaker(f"inference-{suffix}", None),
                         first_byte_timeout=first_byte, total_timeout=5.0, attempts=1)
         self.cache = ResponseCache(redis, ttl=60, stale_ttl=600)
-        layers = [CachedAnswer(self.cache), SimplifiedModel(inference, tokens, "smollm2-135m-instruct", 16)]
+        self.simplified = SimplifiedModel(inference, tokens, "smollm2-135m-instruct", 16, "gateway-test", local)
+        layers = [CachedAnswer(self.cache), self.simplified]
         self.budget = TokenBudget(redis)
         self.path = ChatPath(service="gateway-test", tokens=tokens, chat=chat,
                              chain=FallbackChain(layers if chain else []), cache=self.cache, budget=self.budget,
@@ -220,6 +224,74 @@ async def test_the_chain_never_stands_in_for_a_model_the_chat_service_never_answ
     response = await gateway.http().post("/v1/chat/completions", json=ask("x", model="never-seen"))
     assert response.status_code == 503 and response.headers["x-dualgate-degraded"] == "degraded"
     assert gateway.inference.calls == 0
+
+
+# ---- the simplified model in the gateway's own process -------------------------------------
+
+@pytest.fixture(scope="module")
+def local_model() -> LocalModel:
+    """The real CPU engine (SmolLM2 from the model cache), loaded the way a gateway loads it."""
+    cache = Path(os.environ.get("DUALGATE_MODEL_CACHE") or Path(__file__).resolve().parents[1] / ".dualgate" / "models")
+    local = LocalModel(cache_dir=cache, threads=1, max_batch=2, max_queue=4)
+
+    async def load() -> None:
+        await local.start()
+        await local._loading  # this test needs it loaded; a gateway serves while it loads
+
+    asyncio.run(load())
+    assert local.ready, local.error
+    yield local
+    asyncio.run(local.engine.stop())
+
+
+@pytest.fixture
+async def degraded_gateway(redis, local_model) -> AsyncIterator[Gateway]:
+    """Chat fails before the first byte and the inference service is down: only this process can answer."""
+    gw = Gateway(redis, local=local_model)
+    await seen_before(gw)
+    gw.chat.script.extend([503] * 10)
+    gw.inference.script.extend([httpx.ConnectError("inference down")] * 10)
+    yield gw
+    await gw.path.cache.drain()
+
+
+async def test_with_inference_down_the_in_process_model_answers_a_stream_flagged_under_its_own_name(
+        degraded_gateway):
+    client = degraded_gateway.sdk()
+    raw = await client.chat.completions.with_raw_response.create(**ask("Say hello.", temperature=0), stream=True)
+    parts = [part async for part in raw.parse()]
+    assert raw.headers["x-dualgate-degraded"] == "simplified"
+    assert {part.model for part in parts} == {"smollm2-135m-instruct"}  # never passed off as the model asked for
+    assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices).strip()
+    assert parts[-1].choices[0].finish_reason in ("stop", "length")
+    assert degraded_gateway.inference.calls == 0  # nothing was asked of the (down) inference service
+
+
+async def test_with_inference_down_the_in_process_model_answers_whole_with_real_usage(degraded_gateway):
+    response = await degraded_gateway.http().post("/v1/chat/completions", json=ask("Say hello.", temperature=0))
+    answer = response.json()
+    assert response.status_code == 200 and response.headers["x-dualgate-degraded"] == "simplified"
+    assert answer["object"] == "chat.completion" and answer["model"] == "smollm2-135m-instruct"
+    assert answer["choices"][0]["message"]["content"].strip()
+    assert answer["usage"]["completion_tokens"] >= 1
+    assert answer["usage"]["total_tokens"] == answer["usage"]["prompt_tokens"] + answer["usage"]["completion_tokens"]
+
+
+async def test_a_caller_leaving_an_in_process_answer_frees_the_engine_slot_at_once(degraded_gateway, local_model):
+    request = ChainRequest(identity=Identity(Principal("alice", ("user",), key_id="key-alice"),
+                                             plan=PlanLimits()),
+                           body=msgspec.convert({**ask("Write a long story about the sea."), "stream": True,
+                                                 "max_tokens": 512}, ChatCompletionRequest),
+                           cache_key=None, reason="test", extra_headers={})
+    # room for ~30 s of tokens: only the caller leaving can end it within the wait below
+    layer = SimplifiedModel(degraded_gateway.simplified.inference, degraded_gateway.simplified.tokens,
+                            "smollm2-135m-instruct", 512, "gateway-test", local_model)
+    answer = await layer.answer(request)
+    chunks = answer.response.aiter_raw()
+    assert b'"role":"assistant"' in await chunks.__anext__()
+    assert local_model.engine.active_sequences + local_model.engine.queue_depth == 1
+    await answer.response.aclose()  # the client went away
+    await eventually(lambda: local_model.engine.active_sequences + local_model.engine.queue_depth == 0)
 
 
 # ---- token budget --------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The router's hot path against real HTTP gateways (small aiohttp servers) and a real Valkey.
+"""The router's hot path against real HTTP gateways (small scripted ASGI apps under uvicorn) and a real Valkey.
 
 What a client notices: failover before the first byte (and only then), honest flags passed on,
 a stream cut after the first byte ends with an error event, the per-IP bucket, the body limit.
@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from types import SimpleNamespace
 
 import httpx
+import msgspec
 import pytest
-from aiohttp import web
+import uvicorn
 from redis.asyncio import Redis
 
+from common.app import create_service_app
 from common.breaker import AsyncBreaker
 from common.limits import RequestRateLimiter
+from common.settings import Settings
 from edge_support import valkey_server
 from router.app import RouterDeps
-from router.pools import GatewayPool, gateway_session
-from router.proxy import EdgeProxy
+from router.pools import GatewayPool, gateway_client
+from router.routes import route_handlers
 
 EVENTS = [b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n',
           b'data: {"id":"c","choices":[{"index":0,"delta":{"content":" there"}}]}\n\n']
@@ -32,50 +36,68 @@ def valkey_port():
         yield port
 
 
+class GatewayDied(Exception):
+    """Raised mid-answer: uvicorn then drops the connection with the chunked body unfinished."""
+
+
 class Gateway:
-    """A gateway whose next answers are scripted: ok, cut, 500, degraded, hang."""
+    """A gateway whose next answers are scripted: ok, cut, 500, upstream, degraded, hang."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.script: list[str] = []
         self.seen: list[dict] = []
-        self.runner: web.AppRunner | None = None
+        self.server: uvicorn.Server | None = None
+        self.task: asyncio.Task | None = None
         self.url = ""
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        self.seen.append({"headers": request.headers.copy(), "body": await request.read()})
+    async def __call__(self, scope, receive, send) -> None:
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        self.seen.append({"headers": httpx.Headers([(k.decode(), v.decode()) for k, v in scope["headers"]]),
+                          "body": body, "target": scope["raw_path"] + b"?" + scope["query_string"]})
         mode = self.script.pop(0) if self.script else "ok"
+
+        async def answer(status: int, payload: dict, headers: tuple = ()) -> None:
+            await send({"type": "http.response.start", "status": status,
+                        "headers": [(b"content-type", b"application/json"), *headers]})
+            await send({"type": "http.response.body", "body": msgspec.json.encode(payload)})
+
         if mode == "500":
-            return web.json_response({"error": {"message": "boom"}}, status=500)
+            return await answer(500, {"error": {"message": "boom"}})
         if mode == "upstream":
-            return web.json_response({"error": {"message": "signing unavailable", "code": "signing_unavailable"}},
-                                     status=503, headers={"x-dualgate-upstream": "auth"})
+            return await answer(503, {"error": {"message": "signing unavailable", "code": "signing_unavailable"}},
+                                ((b"x-dualgate-upstream", b"auth"),))
         if mode == "degraded":
-            return web.json_response({"error": {"message": "chain exhausted", "code": "degraded"}}, status=503,
-                                     headers={"x-dualgate-degraded": "degraded", "retry-after": "5"})
+            return await answer(503, {"error": {"message": "chain exhausted", "code": "degraded"}},
+                                ((b"x-dualgate-degraded", b"degraded"), (b"retry-after", b"5")))
         if mode == "hang":
             await asyncio.sleep(3)  # far past the router's first-byte timeout (0.5 s)
-        if request.path.endswith("/models"):
-            return web.json_response({"served_by": self.name})
-        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(EVENTS[0])
+        if scope["path"].endswith("/models"):
+            return await answer(200, {"served_by": self.name})
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.body", "body": EVENTS[0], "more_body": True})
         if mode == "cut":
             await asyncio.sleep(0.1)  # the first event has reached the client
-            request.transport.close()  # then the gateway dies mid-answer
-            return response
-        await response.write(EVENTS[1] + b"data: [DONE]\n\n")
-        await response.write_eof()
-        return response
+            raise GatewayDied  # then the gateway dies mid-answer
+        await send({"type": "http.response.body", "body": EVENTS[1] + b"data: [DONE]\n\n"})
 
     async def start(self) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        listening = socket.socket()
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(64)  # connections queue here until uvicorn accepts: no start-up race
+        self.url = f"http://127.0.0.1:{listening.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(self, lifespan="off", log_level="critical",
+                                                    timeout_graceful_shutdown=1))
+        self.task = asyncio.create_task(self.server.serve(sockets=[listening]))
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        await self.task
 
 
 @pytest.fixture
@@ -84,24 +106,26 @@ async def edge(valkey_port):
     await primary.start()
     await fallback.start()
     redis = Redis(port=valkey_port, socket_timeout=1)
-    sessions = [gateway_session(64, 1.0, 5.0) for _ in range(3)]
+    settings = Settings(service="router", connect_timeout=1.0, router_first_byte_timeout=5.0)
+    clients = [gateway_client(settings) for _ in range(3)]
     breaker = AsyncBreaker(f"gateway-ai-{id(primary)}", None, fail_max=3, reset_timeout=30)
     deps = RouterDeps(
-        pools={"ai": GatewayPool.of("ai", sessions[0], [primary.url], breaker),
-               "identity": GatewayPool.of("identity", sessions[1], [primary.url])},
-        fallback=GatewayPool.of("fallback", sessions[2], [fallback.url]),
+        pools={"ai": GatewayPool.of("ai", clients[0], [primary.url], breaker),
+               "identity": GatewayPool.of("identity", clients[1], [primary.url])},
+        fallback=GatewayPool.of("fallback", clients[2], [fallback.url]),
         ip_limiter=RequestRateLimiter(redis, f"ip-{id(primary)}"), ip_limit=1000, max_body_bytes=1000,
         first_byte_timeout=0.5, probe=None, redis=redis, service_urls={})
-    proxy = EdgeProxy(SimpleNamespace(state=SimpleNamespace(deps=deps)), "router")
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=proxy, client=("127.0.0.1", 5000)),
+    app = create_service_app(settings, route_handlers=route_handlers)
+    app.state.deps = deps
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=("127.0.0.1", 5000)),
                                base_url="http://router")
     yield SimpleNamespace(primary=primary, fallback=fallback, deps=deps, http=client, breaker=breaker)
     await client.aclose()
-    for session in sessions:
-        await session.close()
+    for upstream in clients:
+        await upstream.aclose()
     await redis.aclose()
     for gateway in (primary, fallback):
-        await gateway.runner.cleanup()
+        await gateway.stop()
 
 
 async def test_a_5xx_before_the_first_byte_is_replayed_to_the_fallback_gateway(edge):
@@ -187,3 +211,15 @@ async def test_repeated_5xx_open_the_domain_breaker_and_the_gateway_is_no_longer
     calls = len(edge.primary.seen)
     assert (await edge.http.get("/v1/models")).headers["x-dualgate-route"] == "fallback"
     assert len(edge.primary.seen) == calls
+
+
+async def test_an_unknown_path_is_a_404_with_an_error_body_and_no_gateway_sees_it(edge):
+    response = await edge.http.get("/v2/nothing")
+    assert response.status_code == 404 and response.json()["error"]["code"] == "unknown_route"
+    assert edge.primary.seen == [] and edge.fallback.seen == []
+
+
+async def test_the_path_and_query_reach_the_gateway_as_the_client_sent_them(edge):
+    response = await edge.http.get("/v1/models/a%2Fb?limit=2&after=x")
+    assert response.status_code == 200 and response.headers["x-dualgate-route"] == "ai"
+    assert edge.primary.seen[-1]["target"] == b"/v1/models/a%2Fb?limit=2&after=x"

@@ -22,7 +22,7 @@ from services.inference.engines.sglang import WorkerOptions, WorkerPool
 from services.inference.routes import route_handlers
 
 if TYPE_CHECKING:
-    from services.inference.engines.cpu import CpuEngine
+    from common.engines.cpu import CpuEngine
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         cpu = None
         if settings.cpu_engine_enabled:
             # imported only when used: torch and transformers take seconds to import
-            from services.inference.engines.cpu import CpuEngine
+            from common.engines.cpu import CpuEngine
 
             cpu = CpuEngine(cache_dir=Path(settings.model_cache), threads=settings.cpu_threads,
                             max_batch=settings.cpu_max_batch, max_queue=settings.cpu_max_queue)

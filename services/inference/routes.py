@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 
 import msgspec
 from litestar import Request, Response, get, post
 from litestar.datastructures import State
 from litestar.response import Stream
 
-from common.errors import ApiError, ErrorBody, ErrorEnvelope, decode_body, unavailable
-from common.metrics import TOKENS, TTFT
-from common.openai_schema import (
-    ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, Delta, EngineSpec, InferenceRequest,
-    ModelCard, ModelList, ResponseMessage, Usage, completion_id, now,
-)
-from common.sse import DONE, SSE_HEADERS, error_frame, frame
-from services.inference.engines.base import (
-    EngineBusy, EngineRejected, EngineUnavailable, Finished, GenerationRequest, TokenDelta,
-)
+from common.engines.base import EngineBusy, EngineRejected, EngineUnavailable, GenerationRequest
+from common.engines.render import completion, sse_chunks
+from common.errors import ApiError, decode_body, unavailable
+from common.metrics import TTFT
+from common.openai_schema import EngineSpec, InferenceRequest, ModelCard, ModelList
+from common.sse import SSE_HEADERS
 from services.inference.engines.synthetic import SyntheticEngine
 
 AUDIENCE = "inference"
@@ -88,65 +83,10 @@ async def chat_completions(request: Request, state: State) -> Response | Stream:
     TTFT.labels("inference", model).observe(time.perf_counter() - started)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return Stream(_sse(first, events, model, include_usage), media_type="text/event-stream",
+        return Stream(sse_chunks(first, events, model, include_usage, "inference"), media_type="text/event-stream",
                       headers=SSE_HEADERS)
-    text, finished = await _collect(first, events)
-    return Response(
-        content=msgspec.json.encode(ChatCompletion(
-            id=completion_id(), created=now(), model=model,
-            choices=[Choice(index=0, message=ResponseMessage("assistant", text), finish_reason=finished.finish_reason)],
-            usage=_usage(finished, model),
-        )),
-        media_type="application/json",
-    )
-
-
-def _usage(finished: Finished, model: str) -> Usage:
-    TOKENS.labels("inference", model, "prompt").inc(finished.prompt_tokens)
-    TOKENS.labels("inference", model, "completion").inc(finished.completion_tokens)
-    return Usage(finished.prompt_tokens, finished.completion_tokens,
-                 finished.prompt_tokens + finished.completion_tokens)
-
-
-async def _collect(first, events: AsyncIterator) -> tuple[str, Finished]:
-    parts: list[str] = []
-    event = first
-    try:
-        while not isinstance(event, Finished):
-            parts.append(event.text)
-            event = await events.__anext__()
-    finally:
-        await events.aclose()
-    return "".join(parts), event
-
-
-async def _sse(first, events: AsyncIterator, model: str, include_usage: bool) -> AsyncIterator[bytes]:
-    cid, created = completion_id(), now()
-
-    def chunk(delta: Delta, finish: str | None = None) -> bytes:
-        return frame(ChatCompletionChunk(id=cid, created=created, model=model,
-                                         choices=[ChunkChoice(0, delta, finish)]))
-
-    event = first
-    try:
-        yield chunk(Delta(role="assistant", content=""))
-        while True:
-            if isinstance(event, TokenDelta):
-                yield chunk(Delta(content=event.text))
-            else:
-                assert isinstance(event, Finished)
-                yield chunk(Delta(), event.finish_reason)
-                usage = _usage(event, model)
-                if include_usage:
-                    yield frame(ChatCompletionChunk(id=cid, created=created, model=model, choices=[], usage=usage))
-                yield DONE
-                return
-            event = await events.__anext__()
-    except Exception as exc:  # an engine failure mid-stream ends with an error event, never a silent cut
-        yield error_frame(ErrorEnvelope(ErrorBody(message=f"Generation failed: {type(exc).__name__}",
-                                                  type="server_error", code="engine_error")))
-    finally:
-        await events.aclose()
+    answer = await completion(first, events, model, "inference")
+    return Response(content=msgspec.json.encode(answer), media_type="application/json")
 
 
 @get("/internal/engines")

@@ -29,7 +29,7 @@ import msgspec
 
 from common.breaker import AsyncBreaker, BreakerOpen
 from common.metrics import ENGINE_WORKER_OUTSTANDING, ENGINE_WORKER_REQUESTS, ENGINE_WORKER_UP
-from services.inference.engines.base import (
+from common.engines.base import (
     EngineRejected, EngineUnavailable, Finished, GenerationRequest, TokenDelta,
 )
 

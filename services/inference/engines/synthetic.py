@@ -14,7 +14,7 @@ import hashlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from services.inference.engines.base import Finished, GenerationRequest, TokenDelta
+from common.engines.base import Finished, GenerationRequest, TokenDelta
 
 WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet",
          "kilo", "lima", "mike", "november", "oscar", "papa")

@@ -33,7 +33,7 @@ import msgspec
 from litestar import Litestar, Request, Response, get, post
 from litestar.response import Stream
 
-from services.inference.engines.base import Finished, GenerationRequest
+from common.engines.base import Finished, GenerationRequest
 from services.inference.engines.sglang import ROUTE_KEY_HEADER
 from services.inference.engines.synthetic import SyntheticEngine
 

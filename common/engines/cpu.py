@@ -33,7 +33,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 from common.metrics import ENGINE_BATCH_SIZE, ENGINE_CANCELLED
-from services.inference.engines.base import EngineBusy, Finished, GenerationRequest, TokenDelta
+from common.engines.base import EngineBusy, Finished, GenerationRequest, TokenDelta
 
 __all__ = ["CpuEngine", "EngineBusy", "EngineStopped", "Finished", "GenerationRequest", "TokenDelta",
            "default_gguf_path", "measure_throughput"]
