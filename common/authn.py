@@ -469,12 +469,17 @@ class Authenticator:
                 self._cache.pop(digest, None)
                 await self._forget_snapshot(digest)
                 raise _refused("introspection", self.service) from None
-            # the auth service is unreachable: a cached answer still counts while we hear every change
-            if (snapshot is not None and self._subscribed and now - snapshot.cached_at < self.snapshot_max_age
-                    and judge(snapshot.principal, snapshot.cached_at, self._changes, now) is not Verdict.REJECT):
-                self._remember(digest, snapshot.principal, snapshot.cached_at)  # ask again after the cache lifetime
+            # the auth service is unreachable: a cached answer still counts while we hear every change,
+            # the shared snapshot's or, when Redis has none (a slow read, an entry never written), this
+            # process's own copy past its lifetime
+            stale = snapshot
+            if stale is None and (mine := self._cache.get(digest)) is not None:
+                stale = SnapshotEntry(principal=mine.principal, cached_at=mine.cached_at)
+            if (stale is not None and self._subscribed and now - stale.cached_at < self.snapshot_max_age
+                    and judge(stale.principal, stale.cached_at, self._changes, now) is not Verdict.REJECT):
+                self._remember(digest, stale.principal, stale.cached_at)  # ask again after the cache lifetime
                 AUTH_LOOKUPS.labels(self.service, "stale").inc()
-                return identity_of(snapshot.principal)
+                return identity_of(stale.principal)
             raise
         verdict = judge(principal, now, self._changes, time.time())
         if verdict is Verdict.REJECT:  # revoked while the introspection was on its way
@@ -570,6 +575,15 @@ async def read_sealed_jwks(redis: Redis, tokens: InternalTokens) -> bytes:
 
 
 # ---- the fallback gateway's authenticator ------------------------------------------------------
+
+def _cannot_verify() -> ApiError:
+    """A key nobody here knows while the auth service cannot be asked: never admitted, and never
+    called invalid either (it may be a good key this gateway has not seen): a flagged, retryable 503."""
+    error = unavailable("Authentication is temporarily unavailable for this key; retry shortly.",
+                        code="auth_unavailable")
+    error.headers["x-dualgate-degraded"] = "degraded"
+    return error
+
 
 class SnapshotAuthenticator:
     """Authenticates at the fallback gateway from the auth snapshot, mirrored in process memory.
@@ -669,7 +683,9 @@ class SnapshotAuthenticator:
                 "/internal/introspect", content=_encoder.encode(IntrospectRequest(token)), timeout=1.0,
                 headers={**self.tokens.headers("auth", self._self), "content-type": "application/json"})
         except httpx.HTTPError:
-            raise _refused("not_in_snapshot", self.service) from None
+            raise _cannot_verify() from None
+        if resp.status_code >= 500:
+            raise _cannot_verify()
         if resp.status_code != 200:
             raise _refused("introspection", self.service)
         principal = _principal_decoder.decode(resp.content)

@@ -17,7 +17,7 @@ from common.breaker import AsyncBreaker
 from common.http import upstream_client
 from common.limits import RequestRateLimiter
 from common.settings import Settings
-from router.pools import GatewayPool, HealthChecker, gateway_client
+from router.pools import GatewayConnections, GatewayPool, HealthChecker
 from router.routes import route_handlers
 
 SERVICES = ("auth", "users", "chat", "models", "inference")
@@ -101,10 +101,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
             stack.push_async_callback(redis.aclose)
             probe = upstream_client(settings, read_timeout=settings.health_timeout)
             stack.push_async_callback(probe.aclose)
-            clients = {}
+            connections = {}
             for name in ("identity", "ai", "fallback"):
-                clients[name] = gateway_client(settings)
-                stack.push_async_callback(clients[name].aclose)
+                connections[name] = GatewayConnections.from_settings(settings)
+                stack.push_async_callback(connections[name].aclose)
             breakers = {}
             for domain in ("identity", "ai"):
                 breakers[domain] = AsyncBreaker(f"gateway-{domain}", redis, fail_max=3,
@@ -112,11 +112,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 await breakers[domain].start()
                 stack.push_async_callback(breakers[domain].stop)
             pools = {
-                "identity": GatewayPool.of("identity", clients["identity"],
+                "identity": GatewayPool.of("identity", connections["identity"],
                                            settings.url_list(settings.gateway_identity_urls), breakers["identity"]),
-                "ai": GatewayPool.of("ai", clients["ai"], settings.url_list(settings.gateway_ai_urls), breakers["ai"]),
+                "ai": GatewayPool.of("ai", connections["ai"], settings.url_list(settings.gateway_ai_urls), breakers["ai"]),
             }
-            fallback = GatewayPool.of("fallback", clients["fallback"], settings.url_list(settings.gateway_fallback_url))
+            fallback = GatewayPool.of("fallback", connections["fallback"], settings.url_list(settings.gateway_fallback_url))
             health = HealthChecker(probe, [*pools.values(), fallback], interval=settings.health_interval,
                                    timeout=settings.health_timeout)
             await health.start()

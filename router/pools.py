@@ -4,22 +4,24 @@ A member that fails its health check (or refuses a connection) is taken out at o
 request still waiting for its first byte from it is released to fail over: one hung gateway never
 holds every request. It comes back on its first passing check.
 
-The hot path speaks to gateways through one long-lived httpx client per pool (keep-alive
-connections sized for the concurrency); health checks and /status use their own client, so a slow
-probe never takes a connection a request is waiting for.
+The hot path speaks to gateways through one long-lived httpx transport per pool (keep-alive
+connections sized for the concurrency), by httpx's transport API: the router only relays bytes, so
+the client layer's cookie jar, redirects, hooks and URL merging would be pure cost on every request.
+Health checks and /status use their own client, so a slow probe never takes a connection a request
+is waiting for.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
 
 import httpx
 
 from common.breaker import AsyncBreaker
-from common.http import upstream_client
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -29,9 +31,30 @@ class MemberDown(Exception):
     """The member was found down while this request waited for its first byte."""
 
 
-def gateway_client(settings: Settings) -> httpx.AsyncClient:
-    """One long-lived client per pool; its read timeout is the router's first-byte (and idle) bound."""
-    return upstream_client(settings, read_timeout=settings.router_first_byte_timeout)
+@dataclass(eq=False)
+class GatewayConnections:
+    """A pool's keep-alive connections; the read timeout is the router's first-byte (and idle) bound."""
+
+    transport: httpx.AsyncHTTPTransport
+    timeout: dict[str, float]
+
+    @classmethod
+    def from_settings(cls, settings: Settings, max_connections: int = 256) -> GatewayConnections:
+        return cls(
+            transport=httpx.AsyncHTTPTransport(
+                limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=64),
+                socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]),
+            timeout={"connect": settings.connect_timeout, "read": settings.router_first_byte_timeout,
+                     "write": 5.0, "pool": 5.0})
+
+    async def send(self, method: str, url: str, body: bytes, headers: list[tuple[str, str]]) -> httpx.Response:
+        """Status line and headers; the body is read (or the connection released) by the caller."""
+        request = httpx.Request(method, url, content=body or None, headers=headers,
+                                extensions={"timeout": self.timeout})
+        return await self.transport.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
 
 
 @dataclass(eq=False)
@@ -66,15 +89,15 @@ class Member:
 @dataclass(eq=False)
 class GatewayPool:
     name: str
-    client: httpx.AsyncClient
+    connections: GatewayConnections
     members: list[Member]
     breaker: AsyncBreaker | None = None
     failovers: int = 0
     _next: int = 0
 
     @classmethod
-    def of(cls, name: str, client: httpx.AsyncClient, urls: list[str], breaker: AsyncBreaker | None = None):
-        return cls(name=name, client=client, members=[Member(u) for u in urls], breaker=breaker)
+    def of(cls, name: str, connections: GatewayConnections, urls: list[str], breaker: AsyncBreaker | None = None):
+        return cls(name=name, connections=connections, members=[Member(u) for u in urls], breaker=breaker)
 
     def pick(self, exclude: tuple[Member, ...] = ()) -> Member | None:
         """Round robin over the healthy members."""
@@ -90,8 +113,7 @@ class GatewayPool:
                    first_byte_timeout: float) -> httpx.Response:
         """The member's status line and headers (body unread), or MemberDown / TimeoutError / httpx errors."""
         down = member.down_signal()
-        request = self.client.build_request(method, url, content=body or None, headers=headers)
-        sending = asyncio.ensure_future(self.client.send(request, stream=True))
+        sending = asyncio.ensure_future(self.connections.send(method, url, body, headers))
         done, _ = await asyncio.wait((sending, down), timeout=first_byte_timeout,
                                      return_when=asyncio.FIRST_COMPLETED)
         if sending in done:

@@ -23,7 +23,7 @@ from common.limits import RequestRateLimiter
 from common.settings import Settings
 from edge_support import valkey_server
 from router.app import RouterDeps
-from router.pools import GatewayPool, gateway_client
+from router.pools import GatewayConnections, GatewayPool
 from router.routes import route_handlers
 
 EVENTS = [b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n',
@@ -107,7 +107,7 @@ async def edge(valkey_port):
     await fallback.start()
     redis = Redis(port=valkey_port, socket_timeout=1)
     settings = Settings(service="router", connect_timeout=1.0, router_first_byte_timeout=5.0)
-    clients = [gateway_client(settings) for _ in range(3)]
+    clients = [GatewayConnections.from_settings(settings) for _ in range(3)]
     breaker = AsyncBreaker(f"gateway-ai-{id(primary)}", None, fail_max=3, reset_timeout=30)
     deps = RouterDeps(
         pools={"ai": GatewayPool.of("ai", clients[0], [primary.url], breaker),

@@ -13,7 +13,7 @@ import httpx
 import msgspec
 import pytest
 
-from common.authn import SnapshotAuthenticator, seal_entry, unseal_entry
+from common.authn import Authenticator, SnapshotAuthenticator, seal_entry, unseal_entry
 from common.contracts import AUTH_SNAPSHOT
 from common.errors import ApiError
 from identity_support import bearer, internal_tokens, new_key, new_user, paused, redis_client, wait_until
@@ -214,3 +214,56 @@ async def test_with_the_auth_service_down_known_keys_keep_working_and_revoked_on
         stack.supervisor.start("auth")
         await asyncio.to_thread(stack.wait_ready, ("auth",), 60)
     assert await _status(http, ai_gw, never_seen) == 200
+
+
+async def test_with_auth_unreachable_a_gateway_keeps_a_key_it_checked_even_when_redis_lost_its_entry(
+        http, admin_headers, stack):
+    """The shared snapshot is one copy; the gateway's own memory is the other (DESIGN §4)."""
+    user_id = await new_user(http, admin_headers)
+    key, key_id = await new_key(http, admin_headers, user_id)
+    redis = redis_client(stack)
+    auth = httpx.AsyncClient(base_url=stack.config.url("auth"), timeout=2)
+    authenticator = Authenticator(auth, internal_tokens(stack, "gateway-ai"), "gateway-ai", redis, cache_seconds=0.2)
+    await authenticator.start()
+    try:
+        await wait_until(lambda: _true(authenticator._subscribed), timeout=5, what="subscribed")
+        assert (await authenticator.authenticate_token(key)).principal.key_id == key_id
+        digest = hashlib.sha256(key.encode())
+        await redis.hdel(AUTH_SNAPSHOT, digest.hexdigest())  # the shared copy is gone
+        authenticator.client = httpx.AsyncClient(base_url="http://127.0.0.1:1", timeout=0.5)  # auth unreachable
+        cached = authenticator._cache[digest.digest()]
+        await wait_until(lambda: _true(time.monotonic() - cached.stored > 0.2), timeout=2, what="cache lifetime over")
+        assert (await authenticator.authenticate_token(key)).principal.key_id == key_id
+        # a key this gateway never saw is not admitted: 503 (it cannot ask), never a guess
+        stranger, _ = await new_key(http, admin_headers, user_id)
+        with pytest.raises(ApiError) as refused:
+            await authenticator.authenticate_token(stranger)
+        assert refused.value.status == 503
+    finally:
+        await authenticator.client.aclose()
+        await auth.aclose()
+        await authenticator.stop()
+        await redis.aclose()
+
+
+async def test_the_fallback_gateway_answers_a_key_it_cannot_verify_with_a_flagged_503_never_401(
+        http, admin_headers, stack):
+    """While the auth service is unreachable a good key may simply be unknown here: never admitted,
+    never called invalid."""
+    key, _ = await new_key(http, admin_headers, await new_user(http, admin_headers))
+    redis = redis_client(stack)
+    unreachable = httpx.AsyncClient(base_url="http://127.0.0.1:1", timeout=0.5)
+    authenticator = SnapshotAuthenticator(redis, internal_tokens(stack, "gateway-fallback"), auth_client=unreachable,
+                                          sync_seconds=3600)
+    await authenticator.start()
+    try:
+        await wait_until(lambda: _true(authenticator.feed.subscribed), timeout=5, what="subscribed")
+        with pytest.raises(ApiError) as refused:
+            await authenticator.authenticate_token(key)  # never used, so in no snapshot
+        assert refused.value.status == 503
+        assert refused.value.headers["x-dualgate-degraded"] == "degraded"
+        assert int(refused.value.headers["Retry-After"]) >= 1
+    finally:
+        await authenticator.stop()
+        await unreachable.aclose()
+        await redis.aclose()

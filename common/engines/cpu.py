@@ -14,6 +14,7 @@ load that copy in ~2 s. Nothing is ever fetched from a model hub.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
 import importlib.util
 import logging
@@ -77,18 +78,20 @@ def _ensure_checkpoint(gguf_path: Path, cache_dir: Path) -> Path:
     if target.is_dir():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
-    # written aside and renamed into place, so a concurrent starter never reads half a checkpoint
-    staging = Path(tempfile.mkdtemp(prefix=f".{gguf_path.stem}-", dir=cache_dir))
-    try:
-        log.info("dequantizing %s into %s", gguf_path, target)
-        _convert(gguf_path, staging)
+    # one process converts (the inference service and every gateway may start at once); the others
+    # wait on the lock (we run in a thread) and then find the checkpoint
+    with open(cache_dir / ".convert.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.is_dir():
+            return target
+        # written aside and renamed into place, so a reader never sees half a checkpoint
+        staging = Path(tempfile.mkdtemp(prefix=f".{gguf_path.stem}-", dir=cache_dir))
         try:
+            log.info("dequantizing %s into %s", gguf_path, target)
+            _convert(gguf_path, staging)
             os.rename(staging, target)
-        except OSError:
-            if not target.is_dir():  # anything but "another process won the race" is a real failure
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
