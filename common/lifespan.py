@@ -1,5 +1,5 @@
-"""The start-up every database-backed service shares: Vault login, internal-token keys that follow
-rotation, and a migrated pool on dynamic credentials from Vault's database engine."""
+"""The start-up every service shares: Vault login, internal-token keys that follow rotation, and for
+database-backed services a migrated pool on dynamic credentials from Vault's database engine."""
 
 from __future__ import annotations
 
@@ -30,6 +30,19 @@ async def _rotation_requests(vault: Vault) -> dict[str, str]:
         return await vault.read_kv(ROTATION_PATH)
     except hvac.exceptions.InvalidPath:
         return {}
+
+
+async def followed_internal_tokens(settings: Settings, stack: AsyncExitStack) -> InternalTokens:
+    """Vault login and this process's internal-token keys, kept current through rotations by a
+    refresher that `stack` stops (the start-up of a process without a database: the gateways)."""
+    vault = Vault(settings)
+    await vault.login()
+    tokens = await vault.internal_tokens()
+    secrets = SecretsRefresher(vault, settings.secrets_refresh_seconds)
+    secrets.watch_internal_tokens(tokens)
+    await secrets.start()
+    stack.push_async_callback(secrets.stop)
+    return tokens
 
 
 @asynccontextmanager

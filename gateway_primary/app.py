@@ -12,11 +12,11 @@ from litestar import Litestar
 from common.app import create_service_app
 from common.authn import Authenticator
 from common.http import upstream_client
+from common.lifespan import followed_internal_tokens
 from common.limits import RequestRateLimiter, TokenBudget
 from common.proxy import Hop
 from common.security import InternalTokens
 from common.settings import Settings
-from common.vault import SecretsRefresher, Vault
 from fallback.cache import LastKnown, ResponseCache
 from fallback.chatpath import ChatPath
 from fallback.forward import Upstream
@@ -56,13 +56,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar):
         async with contextlib.AsyncExitStack() as stack:
-            vault = Vault(settings)
-            await vault.login()
-            tokens = await vault.internal_tokens()
-            secrets = SecretsRefresher(vault, settings.secrets_refresh_seconds)  # follows internal-key rotation
-            secrets.watch_internal_tokens(tokens)
-            await secrets.start()
-            stack.push_async_callback(secrets.stop)
+            tokens = await followed_internal_tokens(settings, stack)
             redis = redis_client(settings)
             stack.push_async_callback(redis.aclose)
             routed = {service for _, service in ROUTES[settings.domain]}
