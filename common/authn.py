@@ -133,6 +133,7 @@ class AuthChangeFeed:
         self._retention = retention
         self.changes: dict[str, AuthChange] = {}
         self.subscribed = False
+        self._polled: dict[str, AuthChange] = {}  # the auth service's markers, polled since the last load
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
@@ -170,8 +171,11 @@ class AuthChangeFeed:
                 continue
             if change.at >= oldest:
                 loaded[name] = change
-        # a hash without its epoch lost data (Redis restarted) and is not re-seeded yet: keep what we knew
-        self.changes = loaded if complete else {**self.changes, **loaded}
+        # a hash without its epoch lost data (Redis restarted) and is not re-seeded yet: keep what we knew.
+        # Markers polled from the auth service while unsubscribed stay too: Redis may not hold them yet
+        # (the auth service's write failed while Redis was away), and dropping one readmits a revoked key
+        self.changes = {**self._polled, **(loaded if complete else {**self.changes, **loaded})}
+        self._polled = {}
         self._on_resync()
 
     async def _run(self) -> None:
@@ -237,7 +241,8 @@ class AuthChangeFeed:
                 await asyncio.sleep(0.05)  # poll as soon as the subscription drops
                 continue
             try:
-                self.changes = await self._poll()
+                self._polled = await self._poll()
+                self.changes = dict(self._polled)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the auth service is away too: keep the last markers

@@ -16,8 +16,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from common.authn import JwtVerifier, Verdict, judge
-from common.contracts import AuthChange, KeyPrincipal, PlanLimits, SnapshotEntry
+from common.authn import AuthChangeFeed, JwtVerifier, Verdict, judge
+from common.contracts import AUTH_EPOCH_FIELD, AuthChange, KeyPrincipal, PlanLimits, SnapshotEntry
 from common.errors import ApiError
 from common.security import InternalTokens
 
@@ -197,3 +197,28 @@ async def test_unknown_kids_cannot_make_the_verifier_fetch_more_than_once_a_seco
     # an older kid that is simply not (or no longer) published costs no fetch at all
     assert await _rejected(verifier, _signed(Ed25519PrivateKey.generate(), "0"))
     assert jwks.fetches - fetches == 3
+
+
+async def test_a_revocation_polled_while_unsubscribed_survives_a_resubscribe_to_a_redis_without_it():
+    """Redis frozen: the auth service could not write the marker there, the gateway polled it. When
+    the subscription returns before the auth service has re-written Redis, the key stays refused."""
+    revoked = AuthChange(kind="key_revoked", key_id=ALICE.key_id, at=NOW)
+
+    class RedisWithoutTheMarker:
+        async def hgetall(self, name):
+            return {AUTH_EPOCH_FIELD.encode(): b"1"}  # a complete hash, written before the revocation
+
+    async def poll():
+        return changes(revoked)
+
+    feed = AuthChangeFeed(RedisWithoutTheMarker(), poll=poll, poll_interval=0.01)
+    polling = asyncio.create_task(feed._poll_while_unsubscribed())  # the feed's own loop, Redis unreachable
+    try:
+        deadline = time.monotonic() + 2
+        while not feed.changes:
+            assert time.monotonic() < deadline, "poll did not run"
+            await asyncio.sleep(0.01)
+    finally:
+        polling.cancel()
+    await feed._load()  # what the feed does on resubscribing
+    assert judge(ALICE, NOW, feed.changes, NOW) is Verdict.REJECT
