@@ -123,6 +123,7 @@ async def consume_forever(
                     # (UnknownTopicOrPartition); a fresh consumer rejoins instead, and the batch may
                     # come again, which idempotent handlers absorb
                     await asyncio.wait_for(consumer.commit(), COMMIT_TIMEOUT)
+                await _rewind_where_the_log_went_back(consumer, topic)
         except asyncio.CancelledError:
             raise
         except (KafkaError, TimeoutError) as exc:
@@ -132,6 +133,23 @@ async def consume_forever(
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(consumer.stop(), COMMIT_TIMEOUT)
+
+
+async def _rewind_where_the_log_went_back(consumer: AIOKafkaConsumer, topic: str) -> None:
+    """A partition whose log now ends before our position lost what it held: the embedded broker keeps
+    messages in memory, so a restart (or its watermark falling back) starts offsets again from 0. Kafka
+    would answer OffsetOutOfRange and auto_offset_reset would apply; Tansu answers an empty fetch, so the
+    consumer would wait at its old position and skip every new message below it. Read such a partition
+    again from its beginning instead (handlers are idempotent)."""
+    for tp in consumer.assignment():
+        high = consumer.highwater(tp)
+        if high is None:
+            continue
+        position = await asyncio.wait_for(consumer.position(tp), COMMIT_TIMEOUT)
+        if position > high:
+            log.warning("partition log ends before our position; reading it again from the start",
+                        extra={"topic": topic, "partition": tp.partition, "position": position, "end": high})
+            await asyncio.wait_for(consumer.seek_to_beginning(tp), COMMIT_TIMEOUT)
 
 
 async def _handle_until_done(record: ConsumerRecord, handler: MessageHandler, publisher: EventPublisher,

@@ -22,6 +22,7 @@ from common.openai_schema import Usage
 from stack.local import LocalStack
 
 from ai_support import acting_as, eventually, register_model
+from kafka_support import produce
 
 READY_AFTER_RESTORE = ("postgres", "kafka", "auth", "users", "models", "inference", "chat", "gateway-ai",
                        "gateway-identity", "router", "nginx")
@@ -90,13 +91,20 @@ async def burst(chat: httpx.AsyncClient, count: int, *, concurrency: int = 4, du
 async def all_stored_once(stack: LocalStack, user_id: str, answered: list[str], timeout: float = 60) -> None:
     assert len(set(answered)) == len(answered)
 
+    missing: list[str] = []
+
     def settled() -> bool:
         try:
-            return sorted(stored_turns(stack, user_id)) == sorted(answered)
+            stored = stored_turns(stack, user_id)
         except psycopg.OperationalError:
             return False
+        missing[:] = sorted(set(answered) - set(stored))
+        return sorted(stored) == sorted(answered)
 
-    await eventually(settled, timeout=timeout, interval=0.5, what="every answered turn stored exactly once")
+    try:
+        await eventually(settled, timeout=timeout, interval=0.5, what="every answered turn stored exactly once")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; not stored: {missing} of {answered}") from None
     stored = stored_turns(stack, user_id)
     lost, extra = set(answered) - set(stored), len(stored) - len(set(answered) & set(stored))
     assert (len(lost), extra) == (0, 0)  # 0 lost, 0 duplicated
@@ -172,7 +180,7 @@ async def test_the_writer_stores_a_redelivered_turn_once_and_sends_poison_to_the
     await producer.start()
     try:
         for value in (msgspec.json.encode(first), msgspec.json.encode(first), poison, msgspec.json.encode(second)):
-            await producer.send_and_wait(TURNS_TOPIC, value, key=first.conversation_id.encode())
+            await produce(producer, TURNS_TOPIC, first.conversation_id, value)
     finally:
         await producer.stop()
 

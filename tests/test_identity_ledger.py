@@ -10,11 +10,10 @@ import uuid
 import msgspec
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from common.contracts import USAGE_TOPIC, UsageEvent
 from identity_support import bearer, new_key, new_user, wait_until
+from kafka_support import produce
 from stack.local import LocalStack
 
 DLQ = f"{USAGE_TOPIC}.dlq"
@@ -37,13 +36,7 @@ def _event(user_id: str, prompt: int, completion: int, **override) -> UsageEvent
 
 
 async def _publish(producer: AIOKafkaProducer, user_id: str, value: bytes) -> None:
-    # the broker may have just been restarted (the kafka drill stops it) and refuse a first produce;
-    # retried like any producer would. A copy that did land is harmless: the ledger counts by event
-    # id and the DLQ check compares sets
-    async for attempt in AsyncRetrying(retry=retry_if_exception_type(KafkaError), stop=stop_after_attempt(5),
-                                       wait=wait_exponential(multiplier=0.2, max=2), reraise=True):
-        with attempt:
-            await producer.send_and_wait(USAGE_TOPIC, value, key=user_id.encode())
+    await produce(producer, USAGE_TOPIC, user_id, value)
 
 
 async def _used(http, admin_headers, user_id: str) -> int:
