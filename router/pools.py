@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from dataclasses import dataclass, field
 
 import httpx
 
 from common.breaker import AsyncBreaker
+from common.http import FastTransport
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -35,15 +35,13 @@ class MemberDown(Exception):
 class GatewayConnections:
     """A pool's keep-alive connections; the read timeout is the router's first-byte (and idle) bound."""
 
-    transport: httpx.AsyncHTTPTransport
+    transport: FastTransport
     timeout: dict[str, float]
 
     @classmethod
     def from_settings(cls, settings: Settings, max_connections: int = 256) -> GatewayConnections:
         return cls(
-            transport=httpx.AsyncHTTPTransport(
-                limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=64),
-                socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]),
+            transport=FastTransport(max_connections),
             timeout={"connect": settings.connect_timeout, "read": settings.router_first_byte_timeout,
                      "write": 5.0, "pool": 5.0})
 

@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from common.http import FastTransport
 from common.security import InternalTokens, service_principal
 from stack.config import StackConfig
 from stack.credentials import load_or_create
@@ -153,8 +154,8 @@ async def overhead(config: StackConfig, requests: int, levels: list[int], consol
     direct_url = f"{config.url('inference')}/v1/chat/completions"
     chain_url = f"{config.base_url}/v1/chat/completions"
     results: dict = {"levels": {}}
-    limits = httpx.Limits(max_connections=max(levels) * 2, max_keepalive_connections=max(levels) * 2)
-    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+    # the load generator shares the 2 cores with the stack: the hops' own lean transport keeps its share small
+    async with httpx.AsyncClient(transport=FastTransport(max(levels) * 2), timeout=30) as client:
         # warm every pool and cache on both paths
         warm = Samples()
         for _ in range(10):
@@ -336,6 +337,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     cache_cmd.set_defaults(func=cache_main)
     from stack.bench_engines import register_bench  # the AI domain's engine benchmarks (cpu, routing)
     register_bench(bench_sub)
+    from stack import bench_transport  # the hops' HTTP transport, no stack needed
+    bench_transport.register_bench(bench_sub)
 
 
 def main(args: argparse.Namespace) -> int:
