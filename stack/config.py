@@ -37,7 +37,8 @@ REPLICA_OF = {"gateway-ai-2": "gateway-ai"}
 
 @dataclass
 class StackConfig:
-    home: Path = field(default_factory=lambda: Path(os.environ.get("DUALGATE_HOME", REPO_ROOT / ".dualgate")))
+    # absolute: nginx is started with its own prefix directory, where a relative path would not resolve
+    home: Path = field(default_factory=lambda: Path(os.environ.get("DUALGATE_HOME", REPO_ROOT / ".dualgate")).resolve())
     port_offset: int = field(default_factory=lambda: int(os.environ.get("DUALGATE_PORT_OFFSET", "0")))
     # shared between stacks: dequantizing the model once is enough
     model_cache: Path = field(default_factory=lambda: Path(
