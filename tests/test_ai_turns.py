@@ -8,6 +8,7 @@ stack is ready again."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 
@@ -176,11 +177,28 @@ async def test_the_writer_stores_a_redelivered_turn_once_and_sends_poison_to_the
 
     first, second = turn(1), turn(2)
     poison = f"not a turn {uuid.uuid4().hex}".encode()
+    sequence = (msgspec.json.encode(first), msgspec.json.encode(first), poison, msgspec.json.encode(second))
+    expected = sorted([first.turn_id, second.turn_id])
+
+    def both_stored() -> bool:
+        try:
+            return sorted(stored_turns(stack, user)) == expected
+        except psycopg.OperationalError:
+            return False
+
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=False)
     await producer.start()
     try:
-        for value in (msgspec.json.encode(first), msgspec.json.encode(first), poison, msgspec.json.encode(second)):
-            await produce(producer, TURNS_TOPIC, first.conversation_id, value)
+        # the whole sequence again while a turn is missing, as the chat outbox republishes: the embedded
+        # broker, restarted by the drills before this test, can drop an acknowledged message (its log is
+        # in memory and its offsets can fall back). A writer stuck on the poison would still never store
+        # `second`, however often it is sent.
+        for _ in range(3):
+            for value in sequence:
+                await produce(producer, TURNS_TOPIC, first.conversation_id, value)
+            with contextlib.suppress(AssertionError):
+                await eventually(both_stored, timeout=15, interval=0.5, what="both turns stored")
+                break
     finally:
         await producer.stop()
 

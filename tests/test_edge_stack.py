@@ -103,7 +103,7 @@ async def test_request_id_and_trace_travel_to_the_chat_service_and_back(stack: L
 
 async def test_status_shows_every_component_breaker_cache_and_fallback_count(stack: LocalStack):
     async with httpx.AsyncClient(timeout=10) as http:
-        status = (await http.get(f"{stack.config.base_url}/status")).json()
+        status = (await http.get(f"{stack.config.url('router')}/status")).json()
     components = status["components"]
     assert {"redis", "auth", "users", "chat", "models", "inference"} <= set(components)
     assert sum(1 for name in components if name.startswith("ai@")) == 2
@@ -130,3 +130,12 @@ def test_one_hung_ai_gateway_replica_does_not_hang_requests(stack: LocalStack, d
     finally:
         stack.supervisor.signal("gateway-ai-2", "CONT")
     stack.wait_ready(("gateway-ai-2", "router"), timeout=60)
+
+
+async def test_the_routers_operator_endpoints_are_not_reachable_through_the_edge(stack: LocalStack):
+    async with httpx.AsyncClient(timeout=10) as http:
+        for path in ("/status", "/metrics", "/readyz", "/healthz"):
+            outside = await http.get(f"{stack.config.base_url}{path}")
+            assert outside.status_code == 404, path
+            assert outside.json()["error"]["code"] == "unknown_route"
+            assert (await http.get(f"{stack.config.url('router')}{path}")).status_code == 200, path

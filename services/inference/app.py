@@ -4,6 +4,7 @@ synthetic engine; the models registry's deployment on each request says which.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -14,10 +15,10 @@ from litestar import Litestar
 
 from common.app import create_service_app
 from common.http import upstream_client
+from common.lifespan import followed_internal_tokens
 from common.metrics import ENGINE_ACTIVE, ENGINE_QUEUE_DEPTH
 from common.security import InternalTokens
 from common.settings import Settings
-from common.vault import SecretsRefresher, Vault
 from services.inference.engines.sglang import WorkerOptions, WorkerPool
 from services.inference.routes import route_handlers
 
@@ -42,39 +43,31 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     @asynccontextmanager
     async def lifespan(app: Litestar):
-        vault = Vault(settings)
-        await vault.login()
-        cpu = None
-        if settings.cpu_engine_enabled:
-            # imported only when used: torch and transformers take seconds to import
-            from common.engines.cpu import CpuEngine
+        async with contextlib.AsyncExitStack() as stack:  # unwound in reverse
+            tokens = await followed_internal_tokens(settings, stack)
+            # one long-lived client for every SGLang worker; its read timeout bounds the wait for each token
+            workers_http = upstream_client(settings, max_connections=1024)
+            stack.push_async_callback(workers_http.aclose)
+            sglang = WorkerPool(workers_http, WorkerOptions(
+                health_interval=settings.sglang_health_interval, max_outstanding=settings.sglang_max_outstanding))
+            stack.push_async_callback(sglang.close)
+            cpu = None
+            if settings.cpu_engine_enabled:
+                # imported only when used: torch and transformers take seconds to import
+                from common.engines.cpu import CpuEngine
 
-            cpu = CpuEngine(cache_dir=Path(settings.model_cache), threads=settings.cpu_threads,
-                            max_batch=settings.cpu_max_batch, max_queue=settings.cpu_max_queue)
-            ENGINE_QUEUE_DEPTH.labels("cpu").set_function(lambda: cpu.queue_depth)
-            ENGINE_ACTIVE.labels("cpu").set_function(lambda: cpu.active_sequences)
-        # one long-lived client for every SGLang worker; its read timeout bounds the wait for each token
-        workers_http = upstream_client(settings, max_connections=1024)
-        sglang = WorkerPool(workers_http, WorkerOptions(
-            health_interval=settings.sglang_health_interval, max_outstanding=settings.sglang_max_outstanding))
-        deps = InferenceDeps(settings=settings, tokens=await vault.internal_tokens(), cpu=cpu, sglang=sglang)
-        if cpu is not None:
-            # load in the background so /healthz answers and /readyz can say "loading"
-            deps.loading = asyncio.create_task(_load(deps, cpu))
-        app.state.deps = deps
-        secrets = SecretsRefresher(vault, settings.secrets_refresh_seconds)  # follows internal-key rotation
-        secrets.watch_internal_tokens(deps.tokens)
-        await secrets.start()
-        try:
-            yield
-        finally:
-            await secrets.stop()
-            if deps.loading:
-                deps.loading.cancel()
+                cpu = CpuEngine(cache_dir=Path(settings.model_cache), threads=settings.cpu_threads,
+                                max_batch=settings.cpu_max_batch, max_queue=settings.cpu_max_queue)
+                ENGINE_QUEUE_DEPTH.labels("cpu").set_function(lambda: cpu.queue_depth)
+                ENGINE_ACTIVE.labels("cpu").set_function(lambda: cpu.active_sequences)
+                stack.push_async_callback(cpu.stop)
+            deps = InferenceDeps(settings=settings, tokens=tokens, cpu=cpu, sglang=sglang)
             if cpu is not None:
-                await cpu.stop()
-            await sglang.close()
-            await workers_http.aclose()
+                # load in the background so /healthz answers and /readyz can say "loading"
+                deps.loading = asyncio.create_task(_load(deps, cpu))
+                stack.callback(deps.loading.cancel)
+            app.state.deps = deps
+            yield
 
     async def _load(deps: InferenceDeps, cpu) -> None:
         try:
