@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from common.http import FastTransport
+from stack.servers import free_port, wait_listening
 
 ANSWER = (b'{"id":"chatcmpl-bench","object":"chat.completion","choices":[{"index":0,"message":{"role":'
           b'"assistant","content":"hello there"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,'
@@ -86,28 +86,17 @@ async def compare(url: str, requests: int, concurrency: int, rounds: int) -> dic
     return results
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def transport_main(args: argparse.Namespace) -> int:
     console = Console()
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "uvicorn", "stack.bench_transport:upstream", "--port", str(port),
                                "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"])
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    console.print("[red]the benchmark's upstream did not start")
-                    return 1
-                time.sleep(0.05)
+        try:
+            wait_listening(server, port, "the benchmark's upstream", timeout=20)
+        except RuntimeError as exc:
+            console.print(f"[red]{exc}")
+            return 1
         import uvloop
 
         results = uvloop.run(compare(f"http://127.0.0.1:{port}/v1/chat/completions", args.requests,

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 import string
+import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +48,26 @@ class Program:
     user: str | None = None
     stopsignal: str = "TERM"
     stopwaitsecs: int = 15
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (for a private server, or an address that refuses)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_listening(process: subprocess.Popen, port: int, what: str, timeout: float = 10.0) -> None:
+    """Return once `process` accepts connections on `port`; RuntimeError if it exits or takes too long."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not start") from None
+            time.sleep(0.02)
 
 
 def package_dir(name: str) -> Path:

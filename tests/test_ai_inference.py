@@ -5,7 +5,6 @@ registry's fallback model (flagged) or says 503 with Retry-After."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import uuid
 from collections import Counter
 
@@ -14,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.inference.testing.fake_sglang_worker import FakeSglangWorker
+from stack.servers import free_port
 
 from ai_support import acting_as, eventually, register_model
 
@@ -31,9 +31,7 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 def dead_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 @pytest.fixture(scope="module")

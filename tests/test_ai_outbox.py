@@ -6,7 +6,6 @@ and the database is unreachable too, so every turn stays spooled."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from pathlib import Path
 
@@ -16,12 +15,11 @@ from common.contracts import TurnEvent, UsageEvent
 from common.events import EventPublisher
 from common.openai_schema import Usage
 from services.chat.outbox import OutboxFull, TurnOutbox
+from stack.servers import free_port
 
 
 def unreachable_broker() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{sock.getsockname()[1]}"
+    return f"127.0.0.1:{free_port()}"
 
 
 async def database_down(pairs: list[tuple[str, str]]) -> set[str]:

