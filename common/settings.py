@@ -102,6 +102,7 @@ class Settings(msgspec.Struct, kw_only=True):
     simplified_max_queue: int = 16
     fallback_rate_share: float = 0.5  # the fallback gateway admits this share of a plan's requests/min
     router_ip_rpm: int = 120_000  # per client IP, all routes
+    router_ip_sync_seconds: float = 0.1  # how often router replicas share their per-IP counts
     router_first_byte_timeout: float = 60.0
     health_interval: float = 0.5
     health_timeout: float = 0.5

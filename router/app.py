@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from common.app import create_service_app
 from common.breaker import AsyncBreaker
 from common.http import upstream_client
-from common.limits import RequestRateLimiter
+from common.limits import SyncedRateLimiter
 from common.settings import Settings
 from router.pools import GatewayConnections, GatewayPool, HealthChecker
 from router.routes import route_handlers
@@ -29,7 +29,7 @@ _json = msgspec.json.Decoder()
 class RouterDeps:
     pools: dict[str, GatewayPool]
     fallback: GatewayPool
-    ip_limiter: RequestRateLimiter
+    ip_limiter: SyncedRateLimiter
     ip_limit: int
     max_body_bytes: int
     first_byte_timeout: float
@@ -121,11 +121,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
                                    timeout=settings.health_timeout)
             await health.start()
             stack.push_async_callback(health.stop)
+            ip_limiter = SyncedRateLimiter(redis, "ip", sync_interval=settings.router_ip_sync_seconds)
+            await ip_limiter.start()
+            stack.push_async_callback(ip_limiter.stop)
             urls = {"auth": settings.auth_url, "users": settings.users_url, "chat": settings.chat_url,
                     "models": settings.models_url, "inference": settings.inference_url}
             app.state.deps = RouterDeps(
                 pools=pools, fallback=fallback,
-                ip_limiter=RequestRateLimiter(redis, "ip"), ip_limit=settings.router_ip_rpm,
+                ip_limiter=ip_limiter, ip_limit=settings.router_ip_rpm,
                 max_body_bytes=settings.max_body_bytes, first_byte_timeout=settings.router_first_byte_timeout,
                 probe=probe, redis=redis, service_urls=urls,
             )

@@ -26,6 +26,8 @@ from common.settings import Settings
 
 log = logging.getLogger(__name__)
 
+MAX_PARSED_URLS = 4096
+
 
 class MemberDown(Exception):
     """The member was found down while this request waited for its first byte."""
@@ -37,6 +39,8 @@ class GatewayConnections:
 
     transport: FastTransport
     timeout: dict[str, float]
+    # parsed once: the same few routes come again and again, and httpx parses a URL string in Python
+    _urls: dict[str, httpx.URL] = field(default_factory=dict)
 
     @classmethod
     def from_settings(cls, settings: Settings, max_connections: int = 256) -> GatewayConnections:
@@ -47,7 +51,12 @@ class GatewayConnections:
 
     async def send(self, method: str, url: str, body: bytes, headers: list[tuple[str, str]]) -> httpx.Response:
         """Status line and headers; the body is read (or the connection released) by the caller."""
-        request = httpx.Request(method, url, content=body or None, headers=headers,
+        parsed = self._urls.get(url)
+        if parsed is None:
+            if len(self._urls) >= MAX_PARSED_URLS:  # query strings vary without end: start again
+                self._urls.clear()
+            parsed = self._urls[url] = httpx.URL(url)
+        request = httpx.Request(method, parsed, content=body or None, headers=headers,
                                 extensions={"timeout": self.timeout})
         return await self.transport.handle_async_request(request)
 

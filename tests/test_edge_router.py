@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 
 from common.app import create_service_app
 from common.breaker import AsyncBreaker
-from common.limits import RequestRateLimiter
+from common.limits import SyncedRateLimiter
 from common.settings import Settings
 from edge_support import valkey_server
 from router.app import RouterDeps
@@ -113,7 +113,7 @@ async def edge(valkey_port):
         pools={"ai": GatewayPool.of("ai", clients[0], [primary.url], breaker),
                "identity": GatewayPool.of("identity", clients[1], [primary.url])},
         fallback=GatewayPool.of("fallback", clients[2], [fallback.url]),
-        ip_limiter=RequestRateLimiter(redis, f"ip-{id(primary)}"), ip_limit=1000, max_body_bytes=1000,
+        ip_limiter=SyncedRateLimiter(redis, f"ip-{id(primary)}"), ip_limit=1000, max_body_bytes=1000,
         first_byte_timeout=0.5, probe=None, redis=redis, service_urls={})
     app = create_service_app(settings, route_handlers=route_handlers)
     app.state.deps = deps

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from redis.asyncio import Redis
 
-from common.limits import LocalRateLimiter, LocalTokenBudget, RequestRateLimiter, TokenBudget
+from common.limits import LocalRateLimiter, LocalTokenBudget, RequestRateLimiter, SyncedRateLimiter, TokenBudget
 from edge_support import free_port, valkey_process
 
 BOUND = 0.5  # no call may wait on a frozen Redis longer than this (the limiters' timeout is 0.1 s)
@@ -88,6 +88,67 @@ async def test_rate_limit_keys_are_namespaced_and_expire(connect):
     limiter = RequestRateLimiter(client, "ip", period=60.0)
     await limiter.hit("203.0.113.7", 100)
     assert 0 < await client.pttl("dualgate:rl:ip:203.0.113.7") <= 60_000
+
+
+async def test_synced_replicas_take_over_what_the_others_admitted_at_each_sync(connect):
+    a, b = (SyncedRateLimiter(connect(), "ip", period=60.0) for _ in range(2))
+    client = name()
+    assert all([(await a.hit(client, 10)).allowed for _ in range(10)])
+    assert not (await a.hit(client, 10)).allowed  # one replica alone is exact
+    await a.sync()
+    # b has not synced since: it decides on what it knew (the documented bound), then learns
+    assert (await b.hit(client, 10)).allowed
+    await b.sync()
+    refused = await b.hit(client, 10)
+    assert not refused.allowed and refused.retry_after > 0 and refused.limit == 10
+    # a learns of b's admission too: the shared state counts every replica's requests
+    await a.sync()
+    assert not (await a.hit(client, 10)).allowed
+
+
+async def test_synced_limiter_decides_alone_while_redis_is_down_and_hands_its_counts_over_after(connect, valkey):
+    shared = connect()
+    limiter = SyncedRateLimiter(shared, "ip", replicas=2, cooldown=0.2)
+    client = name()
+    assert (await limiter.hit(client, 20)).allowed
+    await limiter.sync()
+    os.kill(valkey.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        assert (await limiter.hit(client, 20)).allowed
+        await limiter.sync()  # fails within its bound: the counts wait for a later sync
+        decisions = [await limiter.hit(client, 20) for _ in range(11)]
+        assert time.monotonic() - started < BOUND
+        assert all(d.local and d.limit == 20 for d in decisions)
+        # now on its share, 10 a minute over 2 replicas; the 2 admitted at 20 a minute spent one of it
+        assert sum(d.allowed for d in decisions) == 9
+    finally:
+        os.kill(valkey.pid, signal.SIGCONT)
+
+    async def handed_over() -> bool:
+        await limiter.sync()
+        # 11 admitted in all at 20 a minute (3 s each): the shared TAT lies ~33 s ahead
+        return 30_000 < await shared.pttl(f"dualgate:rl:ip:{client}") <= 33_000
+
+    await eventually(handed_over)
+    assert not (await limiter.hit(client, 20)).local
+
+
+async def test_the_router_limiter_syncs_by_itself_and_once_more_on_stop(connect):
+    shared = connect()
+    limiter = SyncedRateLimiter(shared, "ip", sync_interval=0.05)
+    await limiter.start()
+    client = name()
+    await limiter.hit(client, 100)
+
+    async def synced() -> bool:
+        return await shared.exists(f"dualgate:rl:ip:{client}") == 1
+
+    await eventually(synced)
+    last = name()
+    await limiter.hit(last, 100)
+    await limiter.stop()
+    assert await shared.exists(f"dualgate:rl:ip:{last}") == 1
 
 
 async def test_in_process_fallback_state_stays_bounded():
