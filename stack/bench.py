@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -32,7 +33,6 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from common.http import FastTransport
 from common.security import InternalTokens, service_principal
 from stack.config import StackConfig
 from stack.credentials import load_or_create
@@ -40,6 +40,8 @@ from stack.credentials import load_or_create
 SYNTHETIC = {"ttft_ms": 20, "itl_ms": 5, "tokens": 32}
 MESSAGES = [{"role": "user", "content": "benchmark"}]
 BLOCKS = 4  # alternate direct/chain blocks per level
+ANSWER_TIMEOUT = 30.0
+STREAM_SECONDS = (SYNTHETIC["ttft_ms"] + SYNTHETIC["tokens"] * SYNTHETIC["itl_ms"]) / 1000  # one answer, alone
 FIRST_TOKEN = re.compile(rb'"content":"[^"]')  # the role chunk carries "content":"" and does not count
 
 
@@ -57,41 +59,110 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-async def one_request(client: httpx.AsyncClient, url: str, headers, body, samples: Samples) -> None:
-    """One streamed request, read as raw chunks: the load generator shares the two cores with the
-    stack it measures, so it must cost as little as possible per chunk (the same for both paths)."""
-    headers = headers.next() if isinstance(headers, _Rotating) else headers
-    body = body() if callable(body) else body
+def raw_request(host: str, port: int, path: str, headers: dict[str, str], body: bytes) -> bytes:
+    """One HTTP/1.1 request as the bytes sent (keep-alive is HTTP/1.1's default)."""
+    head = f"POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-length: {len(body)}\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    return (head + "\r\n").encode() + body
+
+
+class _Answer:
+    """What the load generator reads of one answer, from httptools' (C, llhttp) parser callbacks."""
+
+    __slots__ = ("hit", "first", "complete")
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.hit = False  # x-cache: hit
+        self.first = 0.0  # when the first generated token arrived
+        self.complete = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if value == b"hit" and name.lower() == b"x-cache":
+            self.hit = True
+
+    def on_body(self, body: bytes) -> None:
+        if not self.first and FIRST_TOKEN.search(body):
+            self.first = time.perf_counter()
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+class RawConnection:
+    """A keep-alive HTTP/1.1 client over a bare socket, parsing in C: the load generator shares the two
+    cores with the servers it measures, so it must cost as little as it can per request and per chunk
+    (an httpx client cost more CPU per streamed answer than the router relaying it)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.answer = _Answer()
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._parser = None
+
+    async def exchange(self, request: bytes) -> int:
+        """Send `request`, read its whole answer; returns the status (self.answer holds the rest)."""
+        if self._writer is None:
+            self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+            self._parser = httptools.HttpResponseParser(self.answer)
+        self.answer.reset()
+        try:
+            async with asyncio.timeout(ANSWER_TIMEOUT):
+                self._writer.write(request)
+                while not self.answer.complete:
+                    data = await self._reader.read(65536)
+                    if not data:
+                        raise ConnectionError("the server closed the connection")
+                    self._parser.feed_data(data)
+        except (OSError, httptools.HttpParserError):  # TimeoutError included
+            self.close()
+            raise
+        status = self._parser.get_status_code()
+        if not self._parser.should_keep_alive():
+            self.close()
+        return status
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
+
+
+async def one_request(connection: RawConnection, request, samples: Samples) -> None:
+    """One streamed request; `request` builds its bytes (each one new, so each is a cache miss)."""
     started = time.perf_counter()
-    first = None
     try:
-        async with client.stream("POST", url, content=body, headers=headers) as resp:
-            if resp.status_code != 200:
-                samples.errors += 1
-                await resp.aread()
-                return
-            async for chunk in resp.aiter_raw():
-                if first is None and FIRST_TOKEN.search(chunk):
-                    first = time.perf_counter()
-                if chunk.rstrip().endswith(b"[DONE]"):
-                    break
-    except httpx.HTTPError:
+        status = await connection.exchange(request())
+    except (OSError, httptools.HttpParserError):
+        samples.errors += 1
+        return
+    if status != 200:
         samples.errors += 1
         return
     done = time.perf_counter()
     samples.total_ms.append((done - started) * 1000)
-    samples.ttft_ms.append(((first or done) - started) * 1000)
+    samples.ttft_ms.append(((connection.answer.first or done) - started) * 1000)
 
 
-async def run_block(client, url, headers, body, count, concurrency, samples, advance) -> None:
+async def run_block(host: str, port: int, request, count: int, concurrency: int, samples: Samples,
+                    advance, stagger: float = 0.0) -> None:
+    """`count` requests, `concurrency` at a time; worker i starts i * `stagger` seconds in."""
     queue = iter(range(count))
 
-    async def worker():
-        for _ in queue:
-            await one_request(client, url, headers, body, samples)
-            advance()
+    async def worker(i: int):
+        await asyncio.sleep(i * stagger)  # an arrival schedule, not a wait for a condition
+        connection = RawConnection(host, port)
+        try:
+            for _ in queue:
+                await one_request(connection, request, samples)
+                advance()
+        finally:
+            connection.close()
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
 
 
 def summarize(samples: Samples) -> dict:
@@ -118,72 +189,65 @@ def bench_keys(config: StackConfig, count: int) -> list[str]:
     return keys
 
 
-class _Rotating:
-    """Headers that name the next bench key each time they are read (one bucket per key)."""
-
-    def __init__(self, keys: list[str]) -> None:
-        self._headers = [{"authorization": f"Bearer {k}", "content-type": "application/json"} for k in keys]
-        self._i = 0
-
-    def next(self) -> dict[str, str]:
-        self._i = (self._i + 1) % len(self._headers)
-        return self._headers[self._i]
-
-
 async def overhead(config: StackConfig, requests: int, levels: list[int], console: Console) -> dict:
     creds = load_or_create(config)
     tokens = InternalTokens(issuer_service="bench",
                             keys={k: bytes.fromhex(v) for k, v in creds.internal_keys.items() if k != "current"},
                             current=creds.internal_keys["current"], ttl=3600)
+    host = "127.0.0.1"
+    direct_port, chain_port = config.port("inference"), config.port("nginx")
     direct_headers = {**tokens.headers("inference", service_principal("bench")), "content-type": "application/json"}
     # enough keys that the requests/min limit (checked on every request) never refuses the bench
-    chain_headers = _Rotating(bench_keys(config, max(1, (requests * len(levels) * 2) // 500 + 1)))
+    keys = itertools.cycle(bench_keys(config, max(1, (requests * len(levels) * 2) // 500 + 1)))
     # deterministic and each one new: every chain request looks up the cache, misses, and is stored
     counter = iter(range(10**9))
 
-    def chain_body() -> bytes:
-        return msgspec.json.encode({"model": "synthetic", "stream": True, "temperature": 0,
+    def chain_request() -> bytes:
+        body = msgspec.json.encode({"model": "synthetic", "stream": True, "temperature": 0,
                                     "messages": [{"role": "user", "content": f"benchmark {next(counter)}"}],
                                     "max_tokens": SYNTHETIC["tokens"]})
+        headers = {"authorization": f"Bearer {next(keys)}", "content-type": "application/json"}
+        return raw_request(host, chain_port, "/v1/chat/completions", headers, body)
 
-    def direct_body() -> bytes:
-        return msgspec.json.encode({"model": "synthetic", "stream": True, "temperature": 0,
+    def direct_request() -> bytes:
+        body = msgspec.json.encode({"model": "synthetic", "stream": True, "temperature": 0,
                                     "messages": [{"role": "user", "content": f"benchmark {next(counter)}"}],
                                     "max_tokens": SYNTHETIC["tokens"],
                                     "deployment": {"engine": "synthetic", "params": SYNTHETIC}})
-    direct_url = f"{config.url('inference')}/v1/chat/completions"
-    chain_url = f"{config.base_url}/v1/chat/completions"
+        return raw_request(host, direct_port, "/v1/chat/completions", direct_headers, body)
+
     results: dict = {"levels": {}}
-    # the load generator shares the 2 cores with the stack: the hops' own lean transport keeps its share small
-    async with httpx.AsyncClient(transport=FastTransport(max(levels) * 2), timeout=30) as client:
-        # warm every pool and cache on both paths
-        warm = Samples()
-        for _ in range(10):
-            await one_request(client, direct_url, direct_headers, direct_body, warm)
-            await one_request(client, chain_url, chain_headers, chain_body, warm)
-        with Progress(console=console, transient=True) as progress:
-            for level in levels:
-                task = progress.add_task(f"concurrency {level}", total=requests * 2)
-                direct, chain = Samples(), Samples()
-                per_block = max(1, requests // BLOCKS)
-                cpu: dict[str, float] = {}
-                for _ in range(BLOCKS):
-                    await run_block(client, direct_url, direct_headers, direct_body, per_block, level, direct,
-                                    lambda: progress.advance(task))
-                    before = process_cpu(config)
-                    await run_block(client, chain_url, chain_headers, chain_body, per_block, level, chain,
-                                    lambda: progress.advance(task))
-                    after = process_cpu(config)
-                    for name in after:
-                        cpu[name] = cpu.get(name, 0.0) + after[name] - before.get(name, after[name])
-                d, c = summarize(direct), summarize(chain)
-                added = {kind: {q: round(c[kind][q] - d[kind][q], 2) for q in d[kind]} for kind in ("total_ms", "ttft_ms")}
-                count = max(1, len(chain.total_ms))
-                results["levels"][str(level)] = {
-                    "direct": d, "chain": c, "added": added,
-                    # where the chain's CPU goes (ms per chain request, this load generator included)
-                    "chain_cpu_ms_per_request": {k: round(v * 1000 / count, 3) for k, v in sorted(cpu.items())
-                                                 if v * 1000 / count >= 0.01}}
+    # warm every pool and cache on both paths
+    warm = Samples()
+    await run_block(host, direct_port, direct_request, 10, 1, warm, lambda: None)
+    await run_block(host, chain_port, chain_request, 10, 1, warm, lambda: None)
+    with Progress(console=console, transient=True) as progress:
+        for level in levels:
+            task = progress.add_task(f"concurrency {level}", total=requests * 2)
+            direct, chain = Samples(), Samples()
+            per_block = max(1, requests // BLOCKS)
+            cpu: dict[str, float] = {}
+            # streams that all start at one instant stay in step (each takes ~180 ms) and the chain sees
+            # bursts of `level` simultaneous arrivals; spread over one answer's time they are `level`
+            # concurrent streams arriving as independent users would
+            stagger = STREAM_SECONDS / level
+            for _ in range(BLOCKS):
+                await run_block(host, direct_port, direct_request, per_block, level, direct,
+                                lambda: progress.advance(task), stagger)
+                before = process_cpu(config)
+                await run_block(host, chain_port, chain_request, per_block, level, chain,
+                                lambda: progress.advance(task), stagger)
+                after = process_cpu(config)
+                for name in after:
+                    cpu[name] = cpu.get(name, 0.0) + after[name] - before.get(name, after[name])
+            d, c = summarize(direct), summarize(chain)
+            added = {kind: {q: round(c[kind][q] - d[kind][q], 2) for q in d[kind]} for kind in ("total_ms", "ttft_ms")}
+            count = max(1, len(chain.total_ms))
+            results["levels"][str(level)] = {
+                "direct": d, "chain": c, "added": added,
+                # where the chain's CPU goes (ms per chain request, this load generator included)
+                "chain_cpu_ms_per_request": {k: round(v * 1000 / count, 3) for k, v in sorted(cpu.items())
+                                             if v * 1000 / count >= 0.01}}
     return results
 
 
@@ -208,54 +272,20 @@ CACHE_BODY = {"model": "synthetic", "temperature": 0, "max_tokens": 16,
               "messages": [{"role": "user", "content": "a cached benchmark answer"}]}
 
 
-def _cache_request(host: str, port: int, key: str, body: bytes) -> bytes:
-    """One keep-alive request as raw bytes: built once, sent many times."""
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}:{port}\r\nauthorization: Bearer {key}\r\n"
-            f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n")
-    return head.encode() + body
-
-
-class _Answer:
-    """What the bench reads of one answer, from httptools' (C, llhttp) parser callbacks."""
-
-    __slots__ = ("hit", "complete")
-
-    def __init__(self) -> None:
-        self.hit = False
-        self.complete = False
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if value == b"hit" and name.lower() == b"x-cache":
-            self.hit = True
-
-    def on_message_complete(self) -> None:
-        self.complete = True
-
-
-async def _raw_worker(host: str, port: int, requests: list[bytes], until: float, latencies: list[float],
-                      outcomes: Counter) -> None:
-    """A keep-alive HTTP/1.1 client over a bare socket, parsing in C: the load generator shares the two
-    cores with the servers it measures, so it must cost as little as it can per request."""
-    reader, writer = await asyncio.open_connection(host, port)
-    answer = _Answer()
-    parser = httptools.HttpResponseParser(answer)
+async def _cache_worker(host: str, port: int, requests: list[bytes], until: float, latencies: list[float],
+                        outcomes: Counter) -> None:
+    connection = RawConnection(host, port)
     i = 0
     try:
         while time.perf_counter() < until:
             started = time.perf_counter()
-            writer.write(requests[i % len(requests)])
+            status = await connection.exchange(requests[i % len(requests)])
             i += 1
-            answer.hit = answer.complete = False
-            while not answer.complete:
-                data = await reader.read(65536)
-                if not data:
-                    raise ConnectionError("the server closed the connection")
-                parser.feed_data(data)
             latencies.append((time.perf_counter() - started) * 1000)
-            status = parser.get_status_code()
-            outcomes["hit" if status == 200 and answer.hit else f"status {status}" if status != 200 else "miss"] += 1
+            hit = connection.answer.hit
+            outcomes["hit" if status == 200 and hit else f"status {status}" if status != 200 else "miss"] += 1
     finally:
-        writer.close()
+        connection.close()
 
 
 async def cache_bench(config: StackConfig, seconds: float, concurrency: int, via: str, console: Console) -> dict:
@@ -268,9 +298,11 @@ async def cache_bench(config: StackConfig, seconds: float, concurrency: int, via
         for key in keys:
             http.post(f"http://{host}:{port}/v1/chat/completions", content=body,
                       headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
-    requests = [_cache_request(host, port, key, body) for key in keys]
+    requests = [raw_request(host, port, "/v1/chat/completions",
+                            {"authorization": f"Bearer {key}", "content-type": "application/json"}, body)
+                for key in keys]
     warm: list[float] = []
-    await asyncio.gather(*(_raw_worker(host, port, requests, time.perf_counter() + 1.0, warm, Counter())
+    await asyncio.gather(*(_cache_worker(host, port, requests, time.perf_counter() + 1.0, warm, Counter())
                            for _ in range(concurrency)))
     latencies: list[float] = []
     outcomes: Counter = Counter()
@@ -284,7 +316,7 @@ async def cache_bench(config: StackConfig, seconds: float, concurrency: int, via
                 await asyncio.sleep(0.25)
 
         cpu_before = process_cpu(config)
-        await asyncio.gather(tick(), *(_raw_worker(host, port, requests, started + seconds, latencies, outcomes)
+        await asyncio.gather(tick(), *(_cache_worker(host, port, requests, started + seconds, latencies, outcomes)
                                        for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
         cpu_after = process_cpu(config)
