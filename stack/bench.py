@@ -189,7 +189,8 @@ def bench_keys(config: StackConfig, count: int) -> list[str]:
     return keys
 
 
-async def overhead(config: StackConfig, requests: int, levels: list[int], console: Console) -> dict:
+async def overhead(config: StackConfig, requests: int, levels: list[int], console: Console,
+                   arrivals: str = "spread") -> dict:
     creds = load_or_create(config)
     tokens = InternalTokens(issuer_service="bench",
                             keys={k: bytes.fromhex(v) for k, v in creds.internal_keys.items() if k != "current"},
@@ -230,7 +231,7 @@ async def overhead(config: StackConfig, requests: int, levels: list[int], consol
             # streams that all start at one instant stay in step (each takes ~180 ms) and the chain sees
             # bursts of `level` simultaneous arrivals; spread over one answer's time they are `level`
             # concurrent streams arriving as independent users would
-            stagger = STREAM_SECONDS / level
+            stagger = STREAM_SECONDS / level if arrivals == "spread" else 0.0
             for _ in range(BLOCKS):
                 await run_block(host, direct_port, direct_request, per_block, level, direct,
                                 lambda: progress.advance(task), stagger)
@@ -372,6 +373,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     overhead_cmd = bench_sub.add_parser("overhead", help="latency the full chain adds over the inference service")
     overhead_cmd.add_argument("--requests", type=int, default=200, help="requests per concurrency level and path")
     overhead_cmd.add_argument("--concurrency", default="1,16", help="comma-separated levels")
+    overhead_cmd.add_argument("--arrivals", choices=("spread", "burst"), default="spread",
+                              help="streams start spread over one answer's time, or all at one instant")
     overhead_cmd.add_argument("--output", default="bench-results/overhead.json")
     overhead_cmd.set_defaults(func=main)
     cache_cmd = bench_sub.add_parser("cache", help="cache-hit answers per second through router + gateway")
@@ -391,10 +394,11 @@ def main(args: argparse.Namespace) -> int:
     console = Console()
     config = StackConfig()
     levels = [int(x) for x in args.concurrency.split(",")]
-    results = asyncio.run(overhead(config, args.requests, levels, console))
+    results = asyncio.run(overhead(config, args.requests, levels, console, args.arrivals))
     results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "python": platform.python_version()}
-    results["workload"] = {"engine": "synthetic", **SYNTHETIC, "stream": True, "requests_per_path": args.requests}
+    results["workload"] = {"engine": "synthetic", **SYNTHETIC, "stream": True, "requests_per_path": args.requests,
+                           "arrivals": args.arrivals}
     print_table(results, console)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
