@@ -69,7 +69,7 @@ def raw_request(host: str, port: int, path: str, headers: dict[str, str], body: 
 class _Answer:
     """What the load generator reads of one answer, from httptools' (C, llhttp) parser callbacks."""
 
-    __slots__ = ("hit", "first", "complete")
+    __slots__ = ("hit", "first", "complete", "closing")
 
     def __init__(self) -> None:
         self.reset()
@@ -78,10 +78,13 @@ class _Answer:
         self.hit = False  # x-cache: hit
         self.first = 0.0  # when the first generated token arrived
         self.complete = False
+        self.closing = False  # the server closes the connection after this answer
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if value == b"hit" and name.lower() == b"x-cache":
             self.hit = True
+        elif value.lower() == b"close" and name.lower() == b"connection":
+            self.closing = True
 
     def on_body(self, body: bytes) -> None:
         if not self.first and FIRST_TOKEN.search(body):
@@ -121,7 +124,7 @@ class RawConnection:
             self.close()
             raise
         status = self._parser.get_status_code()
-        if not self._parser.should_keep_alive():
+        if self.answer.closing:
             self.close()
         return status
 
