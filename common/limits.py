@@ -262,10 +262,13 @@ class SyncedRateLimiter:
     async def hit(self, key: str, limit: int) -> RateDecision:
         """Count one request for `key` against `limit`, in process; never waits on Redis."""
         decision = await self._local.hit(key, limit if self._shared else _local_share(limit, self._replicas))
-        admitted, _ = self._seen.get(key, (0, limit))
-        if key in self._seen or len(self._seen) < self._max_keys:
-            self._seen[key] = (admitted + decision.allowed, limit)
+        self._count(key, int(decision.allowed), limit)
         return msgspec.structs.replace(decision, limit=limit, local=not self._shared)
+
+    def _count(self, key: str, admitted: int, limit: int) -> None:
+        """Note `admitted` requests for `key` for the next sync (a key seen with none is refreshed)."""
+        if key in self._seen or len(self._seen) < self._max_keys:
+            self._seen[key] = (self._seen.get(key, (0, limit))[0] + admitted, limit)
 
     async def sync(self) -> None:
         """Add what this replica admitted to the shared state; take back what the others admitted."""
@@ -285,9 +288,7 @@ class SyncedRateLimiter:
         except RedisUnavailable:
             self._shared = False
             for key, (admitted, limit) in batch.items():  # handed over on a later sync
-                later, _ = self._seen.get(key, (0, limit))
-                if key in self._seen or len(self._seen) < self._max_keys:
-                    self._seen[key] = (admitted + later, limit)
+                self._count(key, admitted, limit)
             return
         self._shared = True
         now = time.monotonic()

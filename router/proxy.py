@@ -1,10 +1,11 @@
 """The router's hot path: route by prefix, per-IP bucket, body limit, relay.
 
 Per request: per-IP token bucket (decided in process, shared through Redis every 0.1 s), body limit,
-request id and traceparent (set by the observability middleware, passed on), then a healthy member of the domain's pool behind the domain's breaker. A
-connect error, a timeout, the member found down, or an unflagged 5xx before the first byte sends the
-same request to the fallback gateway (`x-dualgate-route: fallback`). After the first byte the answer
-is relayed as it comes, unbuffered, and never replayed; a stream cut then ends with an error event.
+request id and traceparent (set by the observability middleware, passed on), then a healthy member of
+the domain's pool behind the domain's breaker. A connect error, a timeout, the member found down, or an
+unflagged 5xx before the first byte sends the same request to the fallback gateway
+(`x-dualgate-route: fallback`). After the first byte the answer is relayed as it comes, unbuffered,
+and never replayed; a stream cut then ends with an error event.
 
 It is a Litestar ASGI handler mounted at "/" (the app's own routes, /status, /healthz, /readyz and
 /metrics, match first): relaying bytes is all it does, so it takes scope/receive/send as they are

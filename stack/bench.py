@@ -38,7 +38,6 @@ from stack.config import StackConfig
 from stack.credentials import load_or_create
 
 SYNTHETIC = {"ttft_ms": 20, "itl_ms": 5, "tokens": 32}
-MESSAGES = [{"role": "user", "content": "benchmark"}]
 BLOCKS = 4  # alternate direct/chain blocks per level
 ANSWER_TIMEOUT = 30.0
 STREAM_SECONDS = (SYNTHETIC["ttft_ms"] + SYNTHETIC["tokens"] * SYNTHETIC["itl_ms"]) / 1000  # one answer, alone
@@ -206,18 +205,17 @@ async def overhead(config: StackConfig, requests: int, levels: list[int], consol
     # deterministic and each one new: every chain request looks up the cache, misses, and is stored
     counter = iter(range(10**9))
 
-    def chain_request() -> bytes:
-        body = msgspec.json.encode({"model": "synthetic", "stream": True, "temperature": 0,
+    def stream_body(**extra: object) -> bytes:
+        return msgspec.json.encode({"model": "synthetic", "stream": True, "temperature": 0,
                                     "messages": [{"role": "user", "content": f"benchmark {next(counter)}"}],
-                                    "max_tokens": SYNTHETIC["tokens"]})
-        headers = {"authorization": f"Bearer {next(keys)}", "content-type": "application/json"}
-        return raw_request(host, chain_port, "/v1/chat/completions", headers, body)
+                                    "max_tokens": SYNTHETIC["tokens"], **extra})
 
-    def direct_request() -> bytes:
-        body = msgspec.json.encode({"model": "synthetic", "stream": True, "temperature": 0,
-                                    "messages": [{"role": "user", "content": f"benchmark {next(counter)}"}],
-                                    "max_tokens": SYNTHETIC["tokens"],
-                                    "deployment": {"engine": "synthetic", "params": SYNTHETIC}})
+    def chain_request() -> bytes:
+        headers = {"authorization": f"Bearer {next(keys)}", "content-type": "application/json"}
+        return raw_request(host, chain_port, "/v1/chat/completions", headers, stream_body())
+
+    def direct_request() -> bytes:  # the inference service is told the deployment the models service would name
+        body = stream_body(deployment={"engine": "synthetic", "params": SYNTHETIC})
         return raw_request(host, direct_port, "/v1/chat/completions", direct_headers, body)
 
     results: dict = {"levels": {}}
