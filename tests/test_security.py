@@ -72,3 +72,21 @@ def test_tokens_signed_by_the_previous_key_version_verify_during_rotation():
     assert tokens(current="v2").verify(old, "chat") == ALICE
     # once v1 is retired, its tokens stop working
     assert _rejected(old, verifier=tokens(current="v2", keys={"v2": KEYS["v2"]}))
+
+
+def test_a_verified_token_is_remembered_only_for_its_audience_its_life_and_its_key_set(monkeypatch):
+    verifier = tokens()
+    token = tokens().mint("chat", ALICE)
+    assert verifier.verify(token, "chat") == ALICE
+    assert verifier.verify(token, "chat") == ALICE  # from what it remembers
+    assert _rejected(token, audience="models", verifier=verifier)
+    # past its expiry a remembered token is refused like any other
+    import common.security as security
+    later = time.time() + verifier.ttl + 1
+    monkeypatch.setattr(security.time, "time", lambda: later)
+    assert _rejected(token, verifier=verifier)
+    monkeypatch.undo()
+    # retiring the key version it was signed with refuses it at once, remembered or not
+    assert verifier.verify(token, "chat") == ALICE
+    verifier.update({"v2": KEYS["v2"]}, "v2")
+    assert _rejected(token, verifier=verifier)
