@@ -141,6 +141,11 @@ class ResponseCache:
             return None
         return entry
 
+    def get_local(self, key: str) -> CacheEntry | None:
+        """A fresh entry from the in-process copy alone: no wait on Redis."""
+        entry = self._local.get(key)
+        return entry if entry is not None and time.time() - entry.stored_at <= self.ttl else None
+
     def put(self, key: str, entry: CacheEntry) -> None:
         """Store in process now and in Redis in the background (the answer is not held up)."""
         raw = _entry_encoder.encode(entry)

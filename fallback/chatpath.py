@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -40,6 +40,7 @@ JSON = "application/json"
 _encoder = msgspec.json.Encoder()
 _PASS_HEADERS = ("idempotency-key",)
 MAX_KNOWN_MODELS = 1024
+Admission = Callable[[], Awaitable[dict[str, str]]]  # requests/min: the rate headers, or raises the 429
 
 
 class _UsageOnly(msgspec.Struct):
@@ -80,18 +81,32 @@ class ChatPath:
     # models the chat service has answered for: the chain never stands in for a model nobody has seen
     _known_models: set[str] = field(default_factory=set)
 
-    async def handle(self, request: Request, identity: Identity, headers: dict[str, str]) -> Response | Stream:
-        body: ChatCompletionRequest = decode_body(await request.body(), ChatCompletionRequest)
-        check_plan(body, identity)
+    async def handle(self, request: Request, identity: Identity, admission: Admission) -> Response | Stream:
+        """`admission` counts the request against requests/min: its rate headers, or a 429."""
+        try:
+            body: ChatCompletionRequest = decode_body(await request.body(), ChatCompletionRequest)
+            check_plan(body, identity)
+        except ApiError:
+            await admission()  # a bad request still counts; over the limit, the caller hears the 429
+            raise
         tenant = identity.principal.subject
         key = cache_key(tenant, body)
         include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+        if key is not None and (entry := self.cache.get_local(key)) is not None:
+            return self._hit(entry, await admission())
+
+        # the cache lookup (a read) waits on Redis together with the limit; the tokens are reserved only
+        # for a request the limit admitted, so a refused one never holds budget another could use
+        lookup = asyncio.ensure_future(self.cache.get(key)) if key is not None else None
+        try:
+            headers = await admission()
+        except BaseException:
+            if lookup is not None:
+                self._later(lookup)  # left to finish: cancelling a Redis call mid-way drops its connection
+            raise
+        if lookup is not None and (entry := await lookup) is not None:
+            return self._hit(entry, headers)
         if key is not None:
-            entry = await self.cache.get(key)
-            if entry is not None and entry.stream == body.stream:
-                self.cache.hits += 1
-                CACHE_HITS.labels(self.service).inc()
-                return replay(entry, {**headers, "x-cache": "hit"})
             self.cache.misses += 1
             CACHE_MISSES.labels(self.service).inc()
         headers["x-cache"] = "miss"
@@ -123,6 +138,11 @@ class ChatPath:
         if body.model not in self._known_models and len(self._known_models) < MAX_KNOWN_MODELS:
             self._known_models.add(body.model)
         return await self._render(response, body, key, reservation, prompt, include_usage, headers)
+
+    def _hit(self, entry: CacheEntry, headers: dict[str, str]) -> Response | Stream:
+        self.cache.hits += 1
+        CACHE_HITS.labels(self.service).inc()
+        return replay(entry, {**headers, "x-cache": "hit"})
 
     async def _fall_back(self, body: ChatCompletionRequest, identity: Identity, key: str | None, reason: str,
                          passed: dict[str, str], reservation: Reservation | None, prompt: int, include_usage: bool,
@@ -207,9 +227,12 @@ class ChatPath:
         if key is not None and parts:
             self.cache.put(key, CacheEntry(stored_at=time.time(), stream=True, content_type=SSE, parts=parts))
         if reservation is not None:
-            task = asyncio.ensure_future(self._settle(reservation, used))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._later(self._settle(reservation, used))
+
+    def _later(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _settle(self, reservation: Reservation | None, used: int) -> None:
         if reservation is not None:

@@ -8,6 +8,8 @@ write answers 503 with Retry-After, flagged as degraded.
 
 from __future__ import annotations
 
+from functools import partial
+
 from litestar import HttpMethod, Request, Response, get, route
 from litestar.datastructures import State
 from litestar.response import Stream
@@ -30,11 +32,14 @@ async def serve(request: Request, state: State) -> Response | Stream:
     if not any(path == p or path.startswith(p + "/") for p in KNOWN_PREFIXES):
         raise not_found(f"No route for {method} {path}.", code="unknown_route")
     identity = await deps.auth.authenticate(request)
-    headers = await admit(deps.requests, deps.service, identity, deps.request_limit(identity.plan.requests_per_min))
+    limit = deps.request_limit(identity.plan.requests_per_min)
+    admission = partial(admit, deps.requests, deps.service, identity, limit)
     if request_body_too_large(request, deps.max_body_bytes):
+        await admission()  # counted all the same; over the limit, the caller hears the 429
         raise ApiError(413, "Request body too large.", code="request_too_large")
     if path == CHAT_COMPLETIONS and method == "POST":
-        return await deps.chat_path.handle(request, identity, headers)
+        return await deps.chat_path.handle(request, identity, admission)
+    headers = await admission()
     service = READS.get(path) if method == "GET" else None
     if service is not None:
         return await forward_to(deps.service, deps.upstreams[service], deps.tokens, deps.last_known, request,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from litestar import HttpMethod, Request, Response, get, route
 from litestar.datastructures import State
 from litestar.response import Stream
@@ -43,13 +45,14 @@ async def forward(request: Request, state: State) -> Response | Stream:
         return await forward_to(deps.service, deps.upstreams[service], deps.tokens, deps.last_known, request,
                                 identity, {}, deps.total_timeout)
     identity = await deps.auth.authenticate(request)
-    headers = await admit(deps.requests, deps.service, identity, identity.plan.requests_per_min)
+    admission = partial(admit, deps.requests, deps.service, identity, identity.plan.requests_per_min)
     if request_body_too_large(request, deps.max_body_bytes):
+        await admission()  # counted all the same; over the limit, the caller hears the 429
         raise ApiError(413, "Request body too large.", code="request_too_large")
     if service == "chat" and path == CHAT_COMPLETIONS and request.method == "POST":
-        return await deps.chat_path.handle(request, identity, headers)
+        return await deps.chat_path.handle(request, identity, admission)
     return await forward_to(deps.service, deps.upstreams[service], deps.tokens, deps.last_known, request, identity,
-                            headers, deps.total_timeout)
+                            await admission(), deps.total_timeout)
 
 
 @get("/internal/status", include_in_schema=False, sync_to_thread=False)

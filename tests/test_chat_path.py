@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import httpx
-import pytest
 
 CPU_MODEL = "smollm2-135m-instruct"
 

@@ -11,6 +11,7 @@ import json
 import os
 import uuid
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -25,7 +26,7 @@ from common.authn import Identity
 from common.breaker import AsyncBreaker
 from common.contracts import PlanLimits
 from common.errors import EXCEPTION_HANDLERS
-from common.limits import TokenBudget
+from common.limits import RequestRateLimiter, TokenBudget
 from common.openai_schema import ChatCompletionRequest
 from common.proxy import Hop, RetryBudget, UpstreamUnavailable
 from common.security import InternalTokens, Principal
@@ -34,6 +35,7 @@ from edge_support import eventually, sse_body, valkey_server
 from fallback.cache import CacheEntry, ResponseCache
 from fallback.chain import CachedAnswer, ChainRequest, FallbackChain, LocalModel, SimplifiedModel
 from fallback.chatpath import ChatPath
+from fallback.forward import admit
 
 MODEL = "synthetic"
 
@@ -90,12 +92,13 @@ class ScriptedModel:
 class Gateway:
     """The chat path behind a tiny app; the bearer key names the user."""
 
-    def __init__(self, redis: Redis, *, tokens_per_day: int = 1_000_000, chain: bool = True,
-                 first_byte: float = 0.5, local: LocalModel | None = None) -> None:
+    def __init__(self, redis: Redis, *, tokens_per_day: int = 1_000_000, requests_per_min: int = 10_000,
+                 chain: bool = True, first_byte: float = 0.5, local: LocalModel | None = None) -> None:
         self.chat = ScriptedModel("chat")
         self.inference = ScriptedModel("inference")
         self.redis = redis
-        self.plan = PlanLimits(tokens_per_day=tokens_per_day)
+        self.plan = PlanLimits(tokens_per_day=tokens_per_day, requests_per_min=requests_per_min)
+        self.requests = RequestRateLimiter(redis, f"key-{uuid.uuid4().hex[:8]}")
         tokens = InternalTokens(issuer_service="test", keys={"v1": b"k" * 32}, current="v1")
         suffix = uuid.uuid4().hex[:8]
         self.breaker = AsyncBreaker(f"chat-{suffix}", None, fail_max=3, reset_timeout=0.3)
@@ -115,7 +118,8 @@ class Gateway:
         async def completions(request: Request, state: State) -> object:
             user = request.headers["authorization"].split()[-1]
             identity = Identity(Principal(user, ("user",), key_id=f"key-{user}"), plan=self.plan)
-            return await self.path.handle(request, identity, {})
+            return await self.path.handle(request, identity,
+                                          partial(admit, self.requests, "gateway-test", identity, requests_per_min))
 
         self.app = Litestar(route_handlers=[completions], exception_handlers=EXCEPTION_HANDLERS)
 
@@ -320,6 +324,34 @@ async def test_a_request_the_daily_budget_cannot_hold_is_refused_with_429_and_ra
     assert response.headers["x-ratelimit-limit-tokens"] == "30"
     assert int(response.headers["retry-after"]) >= 1
     assert gateway.chat.calls == 0
+
+
+async def test_requests_over_the_per_minute_limit_are_refused_and_hold_none_of_the_token_budget(redis):
+    """The limit, the cache lookup and the token reservation are asked of Redis at once: a request the
+    limit refuses must hand back the tokens it was reserving, and a refused bad request still counts."""
+    gateway = Gateway(redis, requests_per_min=3, tokens_per_day=1_000)
+    user = f"u-{uuid.uuid4().hex[:6]}"
+    http = gateway.http(user)
+    answers = await asyncio.gather(*(http.post("/v1/chat/completions", json=ask(f"q{i}", max_tokens=200))
+                                     for i in range(8)))
+    assert sorted(a.status_code for a in answers) == [200] * 3 + [429] * 5
+    refused = next(a for a in answers if a.status_code == 429)
+    assert refused.json()["error"]["type"] == "requests" and int(refused.headers["retry-after"]) >= 1
+    assert gateway.chat.calls == 3
+
+    async def held_and_used() -> tuple[int, int]:
+        held = used = 0
+        for key in await redis.keys(f"dualgate:tok:{{{user}}}:*"):
+            if not key.endswith(b":holds"):
+                held += int(await redis.hget(key, "held") or 0)
+                used += int(await redis.hget(key, "used") or 0)
+        return held, used
+
+    await eventually(lambda: gateway.path._background == set())
+    charged = sum(a.json()["usage"]["total_tokens"] for a in answers if a.status_code == 200)
+    assert await held_and_used() == (0, charged)  # the three answers' usage, no hold left behind
+    bad = await http.post("/v1/chat/completions", json={"model": MODEL})
+    assert bad.status_code == 429  # over the limit, a malformed request hears the 429 first
 
 
 async def test_a_stream_that_would_cross_the_daily_budget_is_stopped_with_an_error_event(redis):
