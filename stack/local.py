@@ -52,7 +52,8 @@ class LocalStack:
     def up(self, progress: Callable[[str], None] = lambda _: None) -> Credentials:
         config = self.config
         if self.supervisor.is_running():
-            raise AlreadyRunning(f"the stack in {config.home} is already running (dualgate status)")
+            raise AlreadyRunning(f"the stack in {config.home} is already running: `dualgate status` shows its "
+                                 "components, `dualgate down` stops it")
         self._check_ports_free()
         config.home.mkdir(parents=True, exist_ok=True)
         config.model_cache.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ import os
 import shlex
 import subprocess
 import sys
+import http.client
 import time
 import xmlrpc.client
 from pathlib import Path
@@ -57,19 +58,20 @@ def render_config(config: StackConfig, programs: list[Program]) -> Path:
 class Supervisor:
     def __init__(self, config: StackConfig) -> None:
         self.config = config
-        transport = SupervisorTransport(None, None, serverurl=f"unix://{config.supervisor_socket}")
-        self._rpc = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
 
     @property
     def rpc(self):
-        return self._rpc.supervisor
+        # a new connection for each call: after one failed call (a socket file left by a machine that went
+        # down, supervisord still starting) SupervisorTransport's kept connection refuses every later one
+        transport = SupervisorTransport(None, None, serverurl=f"unix://{self.config.supervisor_socket}")
+        return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport).supervisor
 
     def is_running(self) -> bool:
         if not self.config.supervisor_socket.exists():
             return False
         try:
             return self.rpc.getState()["statename"] == "RUNNING"
-        except (OSError, xmlrpc.client.Fault):
+        except (OSError, http.client.HTTPException, xmlrpc.client.Fault):
             return False
 
     def launch(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -36,6 +37,12 @@ def cli_env():
 
 def test_up_status_down_leaves_no_process_behind(cli_env, stack):
     # `stack` (the session's) is up too: two stacks side by side must not collide
+    config = StackConfig(home=REPO_ROOT / ".dualgate-cli-test", port_offset=CLI_PORT_OFFSET)
+    # the supervisor's socket file left behind by a machine that went down, nobody listening on it
+    config.supervisor_socket.parent.mkdir(parents=True)
+    with socket.socket(socket.AF_UNIX) as stale:
+        stale.bind(str(config.supervisor_socket))
+
     up = _dualgate("up", env=cli_env)
     assert up.returncode == 0, up.stdout + up.stderr
     lines = up.stdout.splitlines()
@@ -48,7 +55,6 @@ def test_up_status_down_leaves_no_process_behind(cli_env, stack):
 
     status = _dualgate("status", env=cli_env)
     assert status.returncode == 0, status.stdout
-    config = StackConfig(home=REPO_ROOT / ".dualgate-cli-test", port_offset=CLI_PORT_OFFSET)
     for name in config.components:
         assert name in status.stdout
     rows = json.loads(_dualgate("status", "--json", env=cli_env).stdout)
@@ -68,8 +74,6 @@ def test_up_status_down_leaves_no_process_behind(cli_env, stack):
 
 
 def test_up_names_a_port_that_is_already_taken(cli_env):
-    import socket
-
     port = 8100 + CLI_PORT_OFFSET  # the router's
     with socket.socket() as holder:
         # the previous test's router may leave TIME_WAIT sockets on this port; a listener still blocks it
