@@ -4,7 +4,9 @@ overhead: the same streaming requests (synthetic engine: 20 ms TTFT, 5 ms/token,
 straight to the inference service and (b) through nginx -> router -> gateway -> chat -> inference
 with the full policy chain on (API key, requests/min per key, token reservation and settlement,
 cache lookup and store, breakers, usage read from the stream), in alternating blocks so machine
-noise hits both alike. Reports p50/p95/p99 of total latency and TTFT.
+noise hits both alike. Reports p50/p95/p99 of total latency, TTFT, and each token's latency: the
+engine stamps every token with the clock as it emits it (a model registered for the bench, `STAMPED`),
+and the load generator reads the clock as the token reaches it.
 
 cache: one deterministic request answered from the response cache, as fast as a raw keep-alive
 HTTP client can ask it, through router + gateway (or nginx + router + gateway). Reports req/s and
@@ -38,16 +40,19 @@ from stack.config import StackConfig
 from stack.credentials import load_or_create
 
 SYNTHETIC = {"ttft_ms": 20, "itl_ms": 5, "tokens": 32}
+STAMPED = "bench-synthetic-stamped"  # the synthetic engine, each token its emission time (CLOCK_MONOTONIC ns)
 BLOCKS = 4  # alternate direct/chain blocks per level
 ANSWER_TIMEOUT = 30.0
 STREAM_SECONDS = (SYNTHETIC["ttft_ms"] + SYNTHETIC["tokens"] * SYNTHETIC["itl_ms"]) / 1000  # one answer, alone
 FIRST_TOKEN = re.compile(rb'"content":"[^"]')  # the role chunk carries "content":"" and does not count
+TOKEN_STAMP = re.compile(rb'"content":" ?t(\d+)"')
 
 
 @dataclass
 class Samples:
     total_ms: list[float] = field(default_factory=list)
     ttft_ms: list[float] = field(default_factory=list)
+    token_ms: list[float] = field(default_factory=list)  # each token, from its emission to its arrival
     errors: int = 0
 
 
@@ -65,12 +70,13 @@ def raw_request(host: str, port: int, path: str, headers: dict[str, str], body: 
     return (head + "\r\n").encode() + body
 
 
-class _Answer:
+class StreamedAnswer:
     """What the load generator reads of one answer, from httptools' (C, llhttp) parser callbacks."""
 
-    __slots__ = ("hit", "first", "complete", "closing")
+    __slots__ = ("hit", "first", "complete", "closing", "token_ms", "_tail")
 
     def __init__(self) -> None:
+        self.token_ms: list[float] = []
         self.reset()
 
     def reset(self) -> None:
@@ -78,6 +84,8 @@ class _Answer:
         self.first = 0.0  # when the first generated token arrived
         self.complete = False
         self.closing = False  # the server closes the connection after this answer
+        self.token_ms.clear()
+        self._tail = b""  # an event cut between two reads is matched when the rest arrives
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if value == b"hit" and name.lower() == b"x-cache":
@@ -88,6 +96,11 @@ class _Answer:
     def on_body(self, body: bytes) -> None:
         if not self.first and FIRST_TOKEN.search(body):
             self.first = time.perf_counter()
+        now, data, end = time.monotonic_ns(), self._tail + body, 0
+        for stamp in TOKEN_STAMP.finditer(data):
+            self.token_ms.append((now - int(stamp[1])) / 1e6)
+            end = stamp.end()
+        self._tail = data[end:][-64:]
 
     def on_message_complete(self) -> None:
         self.complete = True
@@ -100,7 +113,7 @@ class RawConnection:
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
-        self.answer = _Answer()
+        self.answer = StreamedAnswer()
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._parser = None
@@ -147,6 +160,7 @@ async def one_request(connection: RawConnection, request, samples: Samples) -> N
     done = time.perf_counter()
     samples.total_ms.append((done - started) * 1000)
     samples.ttft_ms.append(((connection.answer.first or done) - started) * 1000)
+    samples.token_ms.extend(connection.answer.token_ms)
 
 
 async def run_block(host: str, port: int, request, count: int, concurrency: int, samples: Samples,
@@ -172,8 +186,22 @@ def summarize(samples: Samples) -> dict:
         "requests": len(samples.total_ms), "errors": samples.errors,
         "total_ms": {f"p{q}": round(percentile(samples.total_ms, q), 2) for q in (50, 95, 99)},
         "ttft_ms": {f"p{q}": round(percentile(samples.ttft_ms, q), 2) for q in (50, 95, 99)},
+        "token_ms": {f"p{q}": round(percentile(samples.token_ms, q), 2) for q in (50, 95, 99)},
+        "tokens": len(samples.token_ms),
         "mean_total_ms": round(statistics.fmean(samples.total_ms), 2) if samples.total_ms else None,
     }
+
+
+def register_stamped_model(config: StackConfig) -> None:
+    """The bench's own model: the synthetic engine at SYNTHETIC's pace, stamping each token."""
+    creds = load_or_create(config)
+    admin = {"authorization": f"Bearer {creds.admin_key}"}
+    model = {"context_length": 32768, "engine": "synthetic", "tokenizer": "words", "params": {**SYNTHETIC, "stamp": 1}}
+    with httpx.Client(base_url=config.base_url, timeout=30, headers=admin) as http:
+        answer = http.post("/v1/models", json={"id": STAMPED, **model})
+        if answer.status_code == 409:  # registered by an earlier run: make sure it has today's pace
+            answer = http.patch(f"/v1/models/{STAMPED}", json=model)
+        answer.raise_for_status()
 
 
 def bench_keys(config: StackConfig, count: int) -> list[str]:
@@ -204,9 +232,10 @@ async def overhead(config: StackConfig, requests: int, levels: list[int], consol
     keys = itertools.cycle(bench_keys(config, max(1, (requests * len(levels) * 2) // 500 + 1)))
     # deterministic and each one new: every chain request looks up the cache, misses, and is stored
     counter = iter(range(10**9))
+    register_stamped_model(config)
 
     def stream_body(**extra: object) -> bytes:
-        return msgspec.json.encode({"model": "synthetic", "stream": True, "temperature": 0,
+        return msgspec.json.encode({"model": STAMPED, "stream": True, "temperature": 0,
                                     "messages": [{"role": "user", "content": f"benchmark {next(counter)}"}],
                                     "max_tokens": SYNTHETIC["tokens"], **extra})
 
@@ -215,7 +244,7 @@ async def overhead(config: StackConfig, requests: int, levels: list[int], consol
         return raw_request(host, chain_port, "/v1/chat/completions", headers, stream_body())
 
     def direct_request() -> bytes:  # the inference service is told the deployment the models service would name
-        body = stream_body(deployment={"engine": "synthetic", "params": SYNTHETIC})
+        body = stream_body(deployment={"engine": "synthetic", "params": {**SYNTHETIC, "stamp": 1}})
         return raw_request(host, direct_port, "/v1/chat/completions", direct_headers, body)
 
     results: dict = {"levels": {}}
@@ -243,7 +272,8 @@ async def overhead(config: StackConfig, requests: int, levels: list[int], consol
                 for name in after:
                     cpu[name] = cpu.get(name, 0.0) + after[name] - before.get(name, after[name])
             d, c = summarize(direct), summarize(chain)
-            added = {kind: {q: round(c[kind][q] - d[kind][q], 2) for q in d[kind]} for kind in ("total_ms", "ttft_ms")}
+            added = {kind: {q: round(c[kind][q] - d[kind][q], 2) for q in d[kind]}
+                     for kind in ("total_ms", "ttft_ms", "token_ms")}
             count = max(1, len(chain.total_ms))
             results["levels"][str(level)] = {
                 "direct": d, "chain": c, "added": added,
@@ -254,15 +284,16 @@ async def overhead(config: StackConfig, requests: int, levels: list[int], consol
 
 
 def print_table(results: dict, console: Console) -> None:
-    table = Table("concurrency", "path", "total p50", "p95", "p99", "TTFT p50", "p95", "p99", "errors")
+    table = Table("concurrency", "path", "total p50", "p95", "p99", "TTFT p50", "p95", "p99",
+                  "token p50", "p95", "p99", "errors")
     for level, r in results["levels"].items():
         for path in ("direct", "chain", "added"):
             row = r[path]
-            total, ttft = row["total_ms"], row["ttft_ms"]
-            table.add_row(level, path, *(f"{total[q]:.2f}" for q in ("p50", "p95", "p99")),
-                          *(f"{ttft[q]:.2f}" for q in ("p50", "p95", "p99")), str(row.get("errors", "")))
+            table.add_row(level, path, *(f"{row[kind][q]:.2f}" for kind in ("total_ms", "ttft_ms", "token_ms")
+                                         for q in ("p50", "p95", "p99")), str(row.get("errors", "")))
     console.print(table)
-    console.print("times in ms; 'added' = chain minus direct at the same percentile")
+    console.print("times in ms; token = each token from its emission by the engine to its arrival here; "
+                  "'added' = chain minus direct at the same percentile")
     for level, r in results["levels"].items():
         console.print(f"concurrency {level}, CPU ms per chain request: "
                       + ", ".join(f"{k} {v}" for k, v in r["chain_cpu_ms_per_request"].items()))
@@ -398,8 +429,8 @@ def main(args: argparse.Namespace) -> int:
     results = asyncio.run(overhead(config, args.requests, levels, console, args.arrivals))
     results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "python": platform.python_version()}
-    results["workload"] = {"engine": "synthetic", **SYNTHETIC, "stream": True, "requests_per_path": args.requests,
-                           "arrivals": args.arrivals}
+    results["workload"] = {"model": STAMPED, "engine": "synthetic", **SYNTHETIC, "stream": True,
+                           "requests_per_path": args.requests, "arrivals": args.arrivals}
     print_table(results, console)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ registry's fallback model (flagged) or says 503 with Retry-After."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections import Counter
 
@@ -13,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.inference.testing.fake_sglang_worker import FakeSglangWorker
+from stack.bench import TOKEN_STAMP, StreamedAnswer
 from stack.servers import free_port
 
 from ai_support import acting_as, eventually, register_model
@@ -147,3 +149,29 @@ async def test_a_failing_deployment_without_a_fallback_is_a_503_with_retry_after
     assert resp.status_code == 503
     assert int(resp.headers["retry-after"]) >= 1
     assert resp.json()["error"]["message"]
+
+
+async def test_a_stamped_synthetic_model_tells_the_bench_how_long_each_token_took_through_the_chain(
+        http, admin_headers, demo_headers):
+    model = f"stamped-{SUFFIX}"
+    await register_model(http, admin_headers, id=model, context_length=4096, engine="synthetic", tokenizer="words",
+                         params={"ttft_ms": 5, "itl_ms": 20, "tokens": 6, "stamp": 1})
+    body = {"model": model, "stream": True, "max_tokens": 6, "messages": [{"role": "user", "content": "tick"}]}
+
+    arrivals: list[tuple[int, bytes]] = []
+    async with http.stream("POST", "/v1/chat/completions", json=body, headers=demo_headers) as streamed:
+        async for piece in streamed.aiter_raw():
+            arrivals.append((time.monotonic_ns(), piece))
+    raw = b"".join(piece for _, piece in arrivals)
+    stamps = [int(s) for s in TOKEN_STAMP.findall(raw)]
+
+    assert streamed.status_code == 200
+    assert len(stamps) == 6
+    assert all(later - earlier >= 15e6 for earlier, later in zip(stamps, stamps[1:]))  # emitted itl_ms apart
+    assert 0 < arrivals[-1][0] - stamps[-1] < 1e9  # a token arrives after it was emitted, from the same clock
+    # the bench's parser reads each token exactly once however the stream is cut into reads
+    for size in (1, 7, 64, len(raw)):
+        answer = StreamedAnswer()
+        for start in range(0, len(raw), size):
+            answer.on_body(raw[start:start + size])
+        assert len(answer.token_ms) == 6 and all(ms >= 0 for ms in answer.token_ms)

@@ -5,12 +5,15 @@ the cost of a model. It is named as such in /v1/models.
 
 With `echo` set it answers with a digest of the context it was given, one word per message
 (`<role initial>:<first word>`), so a test can see which turns a conversation's context kept.
+With `stamp` set each word is `t<CLOCK_MONOTONIC ns>` taken as it is emitted, so a client on the same
+machine can tell how long each token took to reach it (`dualgate bench overhead`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -26,11 +29,13 @@ class SyntheticEngine:
     itl_ms: float = 5.0
     tokens: int = 32
     echo: bool = False
+    stamp: bool = False
 
     @classmethod
     def from_params(cls, params: dict[str, float]) -> "SyntheticEngine":
         return cls(ttft_ms=float(params.get("ttft_ms", 20.0)), itl_ms=float(params.get("itl_ms", 5.0)),
-                   tokens=int(params.get("tokens", 32)), echo=bool(params.get("echo", 0)))
+                   tokens=int(params.get("tokens", 32)), echo=bool(params.get("echo", 0)),
+                   stamp=bool(params.get("stamp", 0)))
 
     @staticmethod
     def count_prompt_tokens(messages: list[dict]) -> int:
@@ -49,7 +54,8 @@ class SyntheticEngine:
         for i in range(length):
             if i:
                 await asyncio.sleep(self.itl_ms / 1000)
-            piece = ("" if i == 0 else " ") + words[i]
+            word = f"t{time.monotonic_ns()}" if self.stamp else words[i]
+            piece = ("" if i == 0 else " ") + word
             emitted = len(text)
             text += piece
             cut = min((text.find(s) for s in request.stop if s and s in text), default=-1)
