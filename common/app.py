@@ -7,11 +7,12 @@ that builds and closes its clients. Nothing reaches for a global.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import msgspec
 from litestar import Litestar, Response, get
@@ -34,6 +35,24 @@ DEGRADED_PREFIX = "degraded: "
 class Degraded(Exception):
     """Raised by a readiness check whose dependency is down while the service still serves (on cached
     secrets, say): /readyz answers 200 with status "degraded" and names it."""
+
+
+def freeze_long_lived_objects() -> None:
+    """Take what the process has built so far out of the garbage collector's sight (gc.freeze).
+
+    A full collection walks every tracked object and stops the event loop while it does: ~85k objects
+    after a service starts (20-35 ms here), ~270k once torch and transformers are loaded (~110 ms).
+    Every stream through the process stalls for that long, which is what a p99 is made of. What startup
+    and a model load build lives as long as the process; later full passes walk only what requests made.
+    """
+    gc.collect()
+    gc.freeze()
+
+
+@asynccontextmanager
+async def _frozen_after_startup(_: Litestar):
+    freeze_long_lived_objects()
+    yield
 
 
 def new_request_id() -> str:
@@ -122,7 +141,7 @@ def create_service_app(
         route_handlers=[healthz, readyz, metrics, *route_handlers],
         middleware=[lambda app: ObservabilityMiddleware(app, settings.service)],
         exception_handlers=EXCEPTION_HANDLERS,
-        lifespan=[lifespan] if lifespan else [],
+        lifespan=[lifespan, _frozen_after_startup] if lifespan else [_frozen_after_startup],
         dependencies=dependencies or {},
         debug=debug,
         logging_config=None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 from prometheus_client import Counter, Gauge, Histogram
 
 REQUESTS = Counter(
@@ -50,3 +52,6 @@ CACHE_HITS = Counter("dualgate_cache_hits_total", "Response cache hits", ["servi
 CACHE_MISSES = Counter("dualgate_cache_misses_total", "Response cache misses (cacheable requests only)", ["service"])
 RATE_LIMITED = Counter("dualgate_rate_limited_total", "Requests refused by a limit", ["service", "limit"])
 FAILOVERS = Counter("dualgate_failover_total", "Requests the router replayed to the fallback gateway", ["domain", "reason"])
+GC_FROZEN = Gauge("dualgate_gc_frozen_objects", "Objects moved out of the garbage collector's sight after startup "
+                  "and after a model load (common.app.freeze_long_lived_objects)")
+GC_FROZEN.set_function(gc.get_freeze_count)

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.inference.testing.fake_sglang_worker import FakeSglangWorker
 from stack.bench import TOKEN_STAMP, StreamedAnswer
+from stack.config import GATEWAYS, SERVICES
 from stack.servers import free_port
 
 from ai_support import acting_as, eventually, register_model
@@ -175,3 +176,18 @@ async def test_a_stamped_synthetic_model_tells_the_bench_how_long_each_token_too
         for start in range(0, len(raw), size):
             answer.on_body(raw[start:start + size])
         assert len(answer.token_ms) == 6 and all(ms >= 0 for ms in answer.token_ms)
+
+
+async def test_every_service_keeps_its_long_lived_objects_out_of_the_collectors_sight(stack):
+    # a full collection walks every tracked object with the event loop stopped: ~110 ms once torch is loaded
+    async with httpx.AsyncClient(timeout=5) as client:
+        async def frozen(component: str) -> float:
+            return metric((await client.get(f"{stack.config.url(component)}/metrics")).text,
+                          "dualgate_gc_frozen_objects")
+
+        for component in (*SERVICES, *GATEWAYS):
+            assert await frozen(component) > 10_000, component
+        async def model_frozen() -> bool:  # the CPU model and its libraries, once loaded
+            return await frozen("inference") > 150_000
+
+        assert await eventually(model_frozen, timeout=120, what="the loaded model frozen")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from litestar import Litestar
 
-from common.app import create_service_app
+from common.app import create_service_app, freeze_long_lived_objects
 from common.http import upstream_client
 from common.lifespan import followed_internal_tokens
 from common.metrics import ENGINE_ACTIVE, ENGINE_QUEUE_DEPTH
@@ -72,6 +72,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     async def _load(deps: InferenceDeps, cpu) -> None:
         try:
             await cpu.start()
+            freeze_long_lived_objects()  # the model and its libraries: ~180k objects no request frees
             log.info("cpu engine ready", extra={"model": cpu.model_name})
         except Exception as exc:
             deps.load_error = f"{type(exc).__name__}: {exc}"
