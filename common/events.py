@@ -12,7 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import msgspec
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from common.metrics import EVENTS_CONSUMED, EVENTS_PUBLISHED
@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 SEND_TIMEOUT = 5.0
 COMMIT_TIMEOUT = 5.0
+LOG_WENT_BACK_POLLS = 3  # polls (up to 0.5 s each) a partition's log must end before our position to be read again
 _encoder = msgspec.json.Encoder()
 
 
@@ -111,6 +112,7 @@ async def consume_forever(
             topic, bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False,
             auto_offset_reset="earliest", client_id=group_id,
         )
+        behind: dict[TopicPartition, int] = {}  # partition -> polls in a row its log ended before us
         try:
             await consumer.start()
             while True:
@@ -123,7 +125,7 @@ async def consume_forever(
                     # (UnknownTopicOrPartition); a fresh consumer rejoins instead, and the batch may
                     # come again, which idempotent handlers absorb
                     await asyncio.wait_for(consumer.commit(), COMMIT_TIMEOUT)
-                await _rewind_where_the_log_went_back(consumer, topic)
+                await _rewind_where_the_log_went_back(consumer, topic, behind)
         except asyncio.CancelledError:
             raise
         except (KafkaError, TimeoutError) as exc:
@@ -135,21 +137,38 @@ async def consume_forever(
                 await asyncio.wait_for(consumer.stop(), COMMIT_TIMEOUT)
 
 
-async def _rewind_where_the_log_went_back(consumer: AIOKafkaConsumer, topic: str) -> None:
+async def _rewind_where_the_log_went_back(consumer: AIOKafkaConsumer, topic: str,
+                                         behind: dict[TopicPartition, int]) -> None:
     """A partition whose log now ends before our position lost what it held: the embedded broker keeps
-    messages in memory, so a restart (or its watermark falling back) starts offsets again from 0. Kafka
-    would answer OffsetOutOfRange and auto_offset_reset would apply; Tansu answers an empty fetch, so the
-    consumer would wait at its old position and skip every new message below it. Read such a partition
-    again from its beginning instead (handlers are idempotent)."""
+    messages in memory, so a restart starts offsets again from 0. Kafka would answer OffsetOutOfRange
+    and auto_offset_reset would apply; Tansu answers an empty fetch, so the consumer would wait at its
+    old position and skip every new message below it. Read such a partition again from its beginning
+    (handlers are idempotent).
+
+    A fetch's high watermark alone is not proof: Tansu can report one a record or two behind what the
+    same fetch returned (the watermark is written after the record). Only a log end, asked for anew
+    (ListOffsets), that stays before our position for polls in a row is taken as a log that went back."""
+    suspects = []
     for tp in consumer.assignment():
         high = consumer.highwater(tp)
-        if high is None:
-            continue
         position = await asyncio.wait_for(consumer.position(tp), COMMIT_TIMEOUT)
-        if position > high:
+        if high is not None and position > high:
+            suspects.append((tp, position))
+        else:
+            behind.pop(tp, None)
+    if not suspects:
+        return
+    ends = await asyncio.wait_for(consumer.end_offsets([tp for tp, _ in suspects]), COMMIT_TIMEOUT)
+    for tp, position in suspects:
+        if ends.get(tp, position) >= position:
+            behind.pop(tp, None)
+            continue
+        behind[tp] = behind.get(tp, 0) + 1
+        if behind[tp] >= LOG_WENT_BACK_POLLS:
             log.warning("partition log ends before our position; reading it again from the start",
-                        extra={"topic": topic, "partition": tp.partition, "position": position, "end": high})
+                        extra={"topic": topic, "partition": tp.partition, "position": position, "end": ends[tp]})
             await asyncio.wait_for(consumer.seek_to_beginning(tp), COMMIT_TIMEOUT)
+            behind.pop(tp, None)
 
 
 async def _handle_until_done(record: ConsumerRecord, handler: MessageHandler, publisher: EventPublisher,

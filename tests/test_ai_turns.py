@@ -116,6 +116,7 @@ def restore(stack: LocalStack, name: str) -> None:
     stack.wait_ready(READY_AFTER_RESTORE, timeout=90)
 
 
+@pytest.mark.restarts_kafka
 async def test_broker_stopped_during_a_burst_loses_no_answered_turn(stack, creds):
     user = f"usr_drill_{uuid.uuid4().hex[:8]}"
     async with chat_client(stack, creds, user) as chat:
