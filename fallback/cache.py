@@ -122,8 +122,6 @@ class ResponseCache:
 
     async def get(self, key: str, *, max_age: float | None = None) -> CacheEntry | None:
         """A fresh entry (or one at most `max_age` old), else None. Never raises for Redis."""
-        max_age = self.ttl if max_age is None else max_age
-        now = time.time()
         entry = self._local.get(key)
         if entry is None and self._redis is not None:
             try:
@@ -137,14 +135,15 @@ class ResponseCache:
                     entry = None
                 if entry is not None:
                     self._local.put(key, entry, len(raw))
-        if entry is None or now - entry.stored_at > max_age:
-            return None
-        return entry
+        return self._fresh(entry, max_age)
 
     def get_local(self, key: str) -> CacheEntry | None:
         """A fresh entry from the in-process copy alone: no wait on Redis."""
-        entry = self._local.get(key)
-        return entry if entry is not None and time.time() - entry.stored_at <= self.ttl else None
+        return self._fresh(self._local.get(key))
+
+    def _fresh(self, entry: CacheEntry | None, max_age: float | None = None) -> CacheEntry | None:
+        max_age = self.ttl if max_age is None else max_age
+        return entry if entry is not None and time.time() - entry.stored_at <= max_age else None
 
     def put(self, key: str, entry: CacheEntry) -> None:
         """Store in process now and in Redis in the background (the answer is not held up)."""

@@ -41,6 +41,7 @@ from stack.credentials import load_or_create
 
 SYNTHETIC = {"ttft_ms": 20, "itl_ms": 5, "tokens": 32}
 STAMPED = "bench-synthetic-stamped"  # the synthetic engine, each token its emission time (CLOCK_MONOTONIC ns)
+STAMPED_PARAMS = {**SYNTHETIC, "stamp": 1}
 BLOCKS = 4  # alternate direct/chain blocks per level
 ANSWER_TIMEOUT = 30.0
 STREAM_SECONDS = (SYNTHETIC["ttft_ms"] + SYNTHETIC["tokens"] * SYNTHETIC["itl_ms"]) / 1000  # one answer, alone
@@ -192,12 +193,16 @@ def summarize(samples: Samples) -> dict:
     }
 
 
+def admin_client(config: StackConfig) -> httpx.Client:
+    creds = load_or_create(config)
+    return httpx.Client(base_url=config.base_url, timeout=30,
+                        headers={"authorization": f"Bearer {creds.admin_key}"})
+
+
 def register_stamped_model(config: StackConfig) -> None:
     """The bench's own model: the synthetic engine at SYNTHETIC's pace, stamping each token."""
-    creds = load_or_create(config)
-    admin = {"authorization": f"Bearer {creds.admin_key}"}
-    model = {"context_length": 32768, "engine": "synthetic", "tokenizer": "words", "params": {**SYNTHETIC, "stamp": 1}}
-    with httpx.Client(base_url=config.base_url, timeout=30, headers=admin) as http:
+    model = {"context_length": 32768, "engine": "synthetic", "tokenizer": "words", "params": STAMPED_PARAMS}
+    with admin_client(config) as http:
         answer = http.post("/v1/models", json={"id": STAMPED, **model})
         if answer.status_code == 409:  # registered by an earlier run: make sure it has today's pace
             answer = http.patch(f"/v1/models/{STAMPED}", json=model)
@@ -206,14 +211,12 @@ def register_stamped_model(config: StackConfig) -> None:
 
 def bench_keys(config: StackConfig, count: int) -> list[str]:
     """Keys of a fresh bench user: each key has its own requests/min bucket, the user one cache tenant."""
-    creds = load_or_create(config)
-    admin = {"authorization": f"Bearer {creds.admin_key}"}
-    with httpx.Client(base_url=config.base_url, timeout=30) as http:
-        user = http.post("/v1/users", json={"name": f"bench-{os.getpid()}", "plan": "unlimited"}, headers=admin)
+    with admin_client(config) as http:
+        user = http.post("/v1/users", json={"name": f"bench-{os.getpid()}", "plan": "unlimited"})
         user.raise_for_status()
         keys = []
         for i in range(count):
-            key = http.post("/v1/keys", json={"name": f"bench-{i}", "user_id": user.json()["id"]}, headers=admin)
+            key = http.post("/v1/keys", json={"name": f"bench-{i}", "user_id": user.json()["id"]})
             key.raise_for_status()
             keys.append(key.json()["key"])
     return keys
@@ -244,7 +247,7 @@ async def overhead(config: StackConfig, requests: int, levels: list[int], consol
         return raw_request(host, chain_port, "/v1/chat/completions", headers, stream_body())
 
     def direct_request() -> bytes:  # the inference service is told the deployment the models service would name
-        body = stream_body(deployment={"engine": "synthetic", "params": {**SYNTHETIC, "stamp": 1}})
+        body = stream_body(deployment={"engine": "synthetic", "params": STAMPED_PARAMS})
         return raw_request(host, direct_port, "/v1/chat/completions", direct_headers, body)
 
     results: dict = {"levels": {}}

@@ -5,11 +5,11 @@ Drills use the same handle to stop, start and pause (SIGSTOP/SIGCONT) components
 
 from __future__ import annotations
 
+import http.client
 import os
 import shlex
 import subprocess
 import sys
-import http.client
 import time
 import xmlrpc.client
 from pathlib import Path

@@ -187,6 +187,7 @@ async def test_every_service_keeps_its_long_lived_objects_out_of_the_collectors_
 
         for component in (*SERVICES, *GATEWAYS):
             assert await frozen(component) > 10_000, component
+
         async def model_frozen() -> bool:  # the CPU model and its libraries, once loaded
             return await frozen("inference") > 150_000
 
