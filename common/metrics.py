@@ -51,6 +51,13 @@ OUTBOX_PENDING = Gauge("dualgate_outbox_pending", "Turns in the durable spool: n
 CACHE_HITS = Counter("dualgate_cache_hits_total", "Response cache hits", ["service"])
 CACHE_MISSES = Counter("dualgate_cache_misses_total", "Response cache misses (cacheable requests only)", ["service"])
 RATE_LIMITED = Counter("dualgate_rate_limited_total", "Requests refused by a limit", ["service", "limit"])
+STAGE_SECONDS = Histogram(
+    "dualgate_stage_seconds",
+    "Where a chat completion's first token waits, per hop and stage (auth, limits, the upstream's headers, "
+    "its first event); a stage that calls the next hop includes that hop's time",
+    ["service", "stage"],
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+)
 FAILOVERS = Counter("dualgate_failover_total", "Requests the router replayed to the fallback gateway", ["domain", "reason"])
 GC_FROZEN = Gauge("dualgate_gc_frozen_objects", "Objects moved out of the garbage collector's sight after startup "
                   "and after a model load (common.app.freeze_long_lived_objects)")

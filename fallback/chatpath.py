@@ -25,7 +25,7 @@ from litestar.response import Stream
 from common.authn import Identity
 from common.errors import ApiError, decode_body
 from common.limits import Reservation, TokenBudget, rate_headers, retry_after
-from common.metrics import CACHE_HITS, CACHE_MISSES, FALLBACKS, RATE_LIMITED
+from common.metrics import CACHE_HITS, CACHE_MISSES, FALLBACKS, RATE_LIMITED, STAGE_SECONDS
 from common.openai_schema import ChatCompletionRequest, Usage
 from common.proxy import Hop, UpstreamUnavailable, response_headers
 from common.sse import SSE_HEADERS, StreamTap, error_event
@@ -89,6 +89,7 @@ class ChatPath:
         except ApiError:
             await admission()  # a bad request still counts; over the limit, the caller hears the 429
             raise
+        started = time.perf_counter()
         tenant = identity.principal.subject
         key = cache_key(tenant, body)
         include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
@@ -121,8 +122,10 @@ class ChatPath:
                            "the reset.", type="tokens", code="rate_limit_exceeded",
                            headers={**headers, "Retry-After": retry_after(decision.retry_after)})
         reservation = decision.reservation
+        self._stage("limits", started)  # requests/min, the cache lookup beside it, the token reservation
         passed = {name: request.headers[name] for name in _PASS_HEADERS if name in request.headers}
         upstream_headers = {**passed, **self.tokens.headers("chat", identity.principal), "content-type": JSON}
+        opening = time.perf_counter()
         try:
             response = await self.chat.open("POST", "/v1/chat/completions",
                                             content=_encoder.encode(upstream_body(body)), headers=upstream_headers,
@@ -130,6 +133,7 @@ class ChatPath:
         except UpstreamUnavailable as failure:
             return await self._fall_back(body, identity, key, failure.reason, passed, reservation, prompt,
                                          include_usage, headers)
+        opened = self._stage("upstream", opening)
         if response.status_code != 200:  # the caller's mistake or a 429: passed on as it is
             content = await read_body(response, self.total_timeout)
             await self._settle(reservation, 0)
@@ -137,7 +141,12 @@ class ChatPath:
                             headers=response_headers(response, headers), media_type=JSON)
         if body.model not in self._known_models and len(self._known_models) < MAX_KNOWN_MODELS:
             self._known_models.add(body.model)
-        return await self._render(response, body, key, reservation, prompt, include_usage, headers)
+        return await self._render(response, body, key, reservation, prompt, include_usage, headers, opened)
+
+    def _stage(self, stage: str, since: float) -> float:
+        now = time.perf_counter()
+        STAGE_SECONDS.labels(self.service, stage).observe(now - since)
+        return now
 
     def _hit(self, entry: CacheEntry, headers: dict[str, str]) -> Response | Stream:
         self.cache.hits += 1
@@ -163,9 +172,9 @@ class ChatPath:
 
     async def _render(self, response: httpx.Response, body: ChatCompletionRequest, key: str | None,
                       reservation: Reservation | None, prompt: int, include_usage: bool,
-                      headers: dict[str, str]) -> Response | Stream:
+                      headers: dict[str, str], opened: float | None = None) -> Response | Stream:
         if response.headers.get("content-type", "").startswith(SSE):
-            return Stream(self._relay(response, key, reservation, prompt, include_usage), status_code=200,
+            return Stream(self._relay(response, key, reservation, prompt, include_usage, opened), status_code=200,
                           media_type=SSE, headers={**SSE_HEADERS, **response_headers(response, headers)})
         try:
             content = await read_body(response, self.total_timeout)
@@ -182,7 +191,8 @@ class ChatPath:
         return Response(content, status_code=200, headers=response_headers(response, headers), media_type=JSON)
 
     async def _relay(self, response: httpx.Response, key: str | None, reservation: Reservation | None,
-                     prompt: int, include_usage: bool) -> AsyncIterator[bytes]:
+                     prompt: int, include_usage: bool, opened: float | None) -> AsyncIterator[bytes]:
+        """`opened`: when the chat service's headers came (None for the fallback chain's answers)."""
         tap = StreamTap(drop_usage=not include_usage)
         parts: list[bytes] | None = [] if key is not None else None
         deadline = time.monotonic() + self.total_timeout
@@ -202,6 +212,9 @@ class ChatPath:
                             break
                     if parts is not None:
                         parts.append(out)
+                    if opened is not None:  # once per answer
+                        self._stage("first_event", opened)
+                        opened = None
                     yield out
                     if tap.done:
                         break

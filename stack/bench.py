@@ -261,6 +261,7 @@ async def overhead(config: StackConfig, requests: int, levels: list[int], consol
             direct, chain = Samples(), Samples()
             per_block = max(1, requests // BLOCKS)
             cpu: dict[str, float] = {}
+            stages: dict[str, list[float]] = {}
             # streams that all start at one instant stay in step (each takes ~180 ms) and the chain sees
             # bursts of `level` simultaneous arrivals; spread over one answer's time they are `level`
             # concurrent streams arriving as independent users would
@@ -268,12 +269,17 @@ async def overhead(config: StackConfig, requests: int, levels: list[int], consol
             for _ in range(BLOCKS):
                 await run_block(host, direct_port, direct_request, per_block, level, direct,
                                 lambda: progress.advance(task), stagger)
-                before = process_cpu(config)
+                before, stages_before = process_cpu(config), await stage_totals(config)
                 await run_block(host, chain_port, chain_request, per_block, level, chain,
                                 lambda: progress.advance(task), stagger)
-                after = process_cpu(config)
+                after, stages_after = process_cpu(config), await stage_totals(config)
                 for name in after:
                     cpu[name] = cpu.get(name, 0.0) + after[name] - before.get(name, after[name])
+                for name, (seconds, count) in stages_after.items():
+                    was = stages_before.get(name, (0.0, 0.0))
+                    total = stages.setdefault(name, [0.0, 0.0])
+                    total[0] += seconds - was[0]
+                    total[1] += count - was[1]
             d, c = summarize(direct), summarize(chain)
             added = {kind: {q: round(c[kind][q] - d[kind][q], 2) for q in d[kind]}
                      for kind in ("total_ms", "ttft_ms", "token_ms")}
@@ -282,8 +288,32 @@ async def overhead(config: StackConfig, requests: int, levels: list[int], consol
                 "direct": d, "chain": c, "added": added,
                 # where the chain's CPU goes (ms per chain request, this load generator included)
                 "chain_cpu_ms_per_request": {k: round(v * 1000 / count, 3) for k, v in sorted(cpu.items())
-                                             if v * 1000 / count >= 0.01}}
+                                             if v * 1000 / count >= 0.01},
+                # where the first token waits: mean ms per hop and stage (dualgate_stage_seconds)
+                "chain_stage_ms": {name: round(seconds * 1000 / n, 3) for name, (seconds, n) in stages.items() if n}}
     return results
+
+
+async def stage_totals(config: StackConfig) -> dict[str, tuple[float, float]]:
+    """'<service> <stage>' -> (seconds, count) so far of dualgate_stage_seconds, over the AI gateways and chat."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from stack.supervisor import Supervisor
+
+    names = [name for name in Supervisor(config).processes() if name.startswith(("gateway-ai", "chat"))]
+    totals: dict[str, list[float]] = {}
+    async with httpx.AsyncClient(timeout=5.0) as client:
+        pages = await asyncio.gather(*(client.get(f"http://127.0.0.1:{config.port(name)}/metrics") for name in names))
+    for page in pages:
+        for family in text_string_to_metric_families(page.text):
+            if family.name != "dualgate_stage_seconds":
+                continue
+            for sample in family.samples:
+                kind = sample.name.removeprefix("dualgate_stage_seconds_")
+                if kind in ("sum", "count"):
+                    total = totals.setdefault(f"{sample.labels['service']} {sample.labels['stage']}", [0.0, 0.0])
+                    total[kind == "count"] += sample.value
+    return {name: (seconds, count) for name, (seconds, count) in totals.items()}
 
 
 def print_table(results: dict, console: Console) -> None:
@@ -300,6 +330,8 @@ def print_table(results: dict, console: Console) -> None:
     for level, r in results["levels"].items():
         console.print(f"concurrency {level}, CPU ms per chain request: "
                       + ", ".join(f"{k} {v}" for k, v in r["chain_cpu_ms_per_request"].items()))
+        console.print(f"concurrency {level}, where the first token waits (mean ms; a stage that calls the next "
+                      "hop includes it): " + ", ".join(f"{k} {v}" for k, v in r["chain_stage_ms"].items()))
 
 
 # ---- cache hits --------------------------------------------------------------------------------

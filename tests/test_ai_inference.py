@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.inference.testing.fake_sglang_worker import FakeSglangWorker
-from stack.bench import TOKEN_STAMP, StreamedAnswer
+from stack.bench import TOKEN_STAMP, StreamedAnswer, stage_totals
 from stack.config import GATEWAYS, SERVICES
 from stack.servers import free_port
 
@@ -176,6 +176,30 @@ async def test_a_stamped_synthetic_model_tells_the_bench_how_long_each_token_too
         for start in range(0, len(raw), size):
             answer.on_body(raw[start:start + size])
         assert len(answer.token_ms) == 6 and all(ms >= 0 for ms in answer.token_ms)
+
+
+async def test_the_chain_tells_where_each_first_token_waited(stack, http, admin_headers, demo_headers):
+    # dualgate_stage_seconds per hop and stage, as `dualgate bench overhead` reads it (stage_totals)
+    model = f"staged-{SUFFIX}"
+    await register_model(http, admin_headers, id=model, context_length=4096, engine="synthetic", tokenizer="words",
+                         params={"ttft_ms": 40, "itl_ms": 1, "tokens": 3})
+    body = {"model": model, "stream": True, "max_tokens": 3, "messages": [{"role": "user", "content": "where"}]}
+    before = await stage_totals(stack.config)
+    async with http.stream("POST", "/v1/chat/completions", json=body, headers=demo_headers) as streamed:
+        assert streamed.status_code == 200
+        raw = b"".join([piece async for piece in streamed.aiter_raw()])
+    assert raw.endswith(b"data: [DONE]\n\n")
+    after = await stage_totals(stack.config)
+    added = {name: (seconds - before.get(name, (0.0, 0.0))[0], count - before.get(name, (0.0, 0.0))[1])
+             for name, (seconds, count) in after.items()}
+
+    for stage in ("gateway-ai auth", "gateway-ai limits", "gateway-ai upstream", "gateway-ai first_event",
+                  "chat prepare", "chat inference", "chat first_event"):
+        assert added.get(stage, (0.0, 0.0))[1] == 1, stage  # one observation each, for this one answer
+    # the chat service's wait for inference holds the engine's first token (40 ms); the gateway's wait
+    # for the chat service holds all of chat's own stages before its headers
+    assert added["chat inference"][0] >= 0.04
+    assert added["gateway-ai upstream"][0] > added["chat prepare"][0] + added["chat inference"][0]
 
 
 async def test_every_service_keeps_its_long_lived_objects_out_of_the_collectors_sight(stack):

@@ -26,7 +26,7 @@ from litestar.response import Stream
 from common.contracts import ModelRecord, TurnEvent, UsageEvent
 from common.errors import ApiError, ErrorBody, ErrorEnvelope, decode_body, unavailable
 from common.logging import request_id_var
-from common.metrics import FALLBACKS
+from common.metrics import FALLBACKS, STAGE_SECONDS
 from common.openai_schema import (
     ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, ChunkChoice, Choice, Delta,
     InferenceRequest, ResponseMessage, StreamOptions, Usage, completion_id, now,
@@ -64,6 +64,7 @@ class _FallbackWorthy(Exception):
 # ---- the request -----------------------------------------------------------------------------
 
 async def chat_completion(request: Request, deps) -> Response | Stream:
+    started = time.perf_counter()
     principal = deps.tokens.principal_from(request, AUDIENCE)
     body: ChatCompletionRequest = decode_body(await request.body(), ChatCompletionRequest)
     key = _idempotency_key(request)
@@ -97,7 +98,9 @@ async def chat_completion(request: Request, deps) -> Response | Stream:
         deps.inflight[slot] = time.monotonic()
     handed_over = False
     try:
+        opening = _stage("prepare", started)  # token, body, idempotency, model, conversation
         upstream, served, degraded = await _open_with_fallback(deps, principal, body, model, conversation, history)
+        opened = _stage("inference", opening)  # the context, and the inference service's headers
         draft = _TurnDraft(body, principal, served, key or "", request_hash)
         headers = {TURN_HEADER: draft.turn_id}
         if body.conversation_id:
@@ -107,12 +110,18 @@ async def chat_completion(request: Request, deps) -> Response | Stream:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             handed_over = True  # the stream releases the key when it ends
-            return Stream(_relay(upstream, draft, deps, include_usage, slot), media_type="text/event-stream",
-                          headers={**SSE_HEADERS, **headers})
+            return Stream(_relay(upstream, draft, deps, include_usage, slot, opened),
+                          media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
         return await _aggregate(upstream, draft, deps, headers)
     finally:
         if slot and not handed_over:
             deps.inflight.pop(slot, None)
+
+
+def _stage(stage: str, since: float) -> float:
+    now = time.perf_counter()
+    STAGE_SECONDS.labels("chat", stage).observe(now - since)
+    return now
 
 
 def _request_hash(body: ChatCompletionRequest) -> str:
@@ -280,7 +289,8 @@ class _TurnDraft:
 
 
 async def _relay(upstream: httpx.Response, turn: _TurnDraft, deps, include_usage: bool,
-                 slot: tuple[str, str] | None) -> AsyncIterator[bytes]:
+                 slot: tuple[str, str] | None, opened: float) -> AsyncIterator[bytes]:
+    first: float | None = opened
     try:
         async for event in EventSource(upstream).aiter_sse():
             if event.data == "[DONE]":
@@ -300,6 +310,9 @@ async def _relay(upstream: httpx.Response, turn: _TurnDraft, deps, include_usage
                 return
             if chunk.usage is not None and not chunk.choices and not include_usage:
                 continue  # we asked for usage for ourselves; the caller did not
+            if first is not None:  # once per answer
+                _stage("first_event", first)
+                first = None
             yield b"data: " + event.data.encode() + b"\n\n"
         yield error_frame(_cut_error())
     except httpx.HTTPError:
