@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import time
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -62,3 +63,10 @@ FAILOVERS = Counter("dualgate_failover_total", "Requests the router replayed to 
 GC_FROZEN = Gauge("dualgate_gc_frozen_objects", "Objects moved out of the garbage collector's sight after startup "
                   "and after a model load (common.app.freeze_long_lived_objects)")
 GC_FROZEN.set_function(gc.get_freeze_count)
+
+
+def stage_done(service: str, stage: str, since: float) -> float:
+    """Observe `stage`, begun at `since` (perf_counter), as over now; returns now, where the next one begins."""
+    now = time.perf_counter()
+    STAGE_SECONDS.labels(service, stage).observe(now - since)
+    return now

@@ -25,7 +25,7 @@ from litestar.response import Stream
 from common.authn import Identity
 from common.errors import ApiError, decode_body
 from common.limits import Reservation, TokenBudget, rate_headers, retry_after
-from common.metrics import CACHE_HITS, CACHE_MISSES, FALLBACKS, RATE_LIMITED, STAGE_SECONDS
+from common.metrics import CACHE_HITS, CACHE_MISSES, FALLBACKS, RATE_LIMITED, stage_done
 from common.openai_schema import ChatCompletionRequest, Usage
 from common.proxy import Hop, UpstreamUnavailable, response_headers
 from common.sse import SSE_HEADERS, StreamTap, error_event
@@ -122,7 +122,7 @@ class ChatPath:
                            "the reset.", type="tokens", code="rate_limit_exceeded",
                            headers={**headers, "Retry-After": retry_after(decision.retry_after)})
         reservation = decision.reservation
-        self._stage("limits", started)  # requests/min, the cache lookup beside it, the token reservation
+        stage_done(self.service, "limits", started)  # requests/min, the cache lookup beside it, the token reservation
         passed = {name: request.headers[name] for name in _PASS_HEADERS if name in request.headers}
         upstream_headers = {**passed, **self.tokens.headers("chat", identity.principal), "content-type": JSON}
         opening = time.perf_counter()
@@ -133,7 +133,7 @@ class ChatPath:
         except UpstreamUnavailable as failure:
             return await self._fall_back(body, identity, key, failure.reason, passed, reservation, prompt,
                                          include_usage, headers)
-        opened = self._stage("upstream", opening)
+        opened = stage_done(self.service, "upstream", opening)
         if response.status_code != 200:  # the caller's mistake or a 429: passed on as it is
             content = await read_body(response, self.total_timeout)
             await self._settle(reservation, 0)
@@ -142,11 +142,6 @@ class ChatPath:
         if body.model not in self._known_models and len(self._known_models) < MAX_KNOWN_MODELS:
             self._known_models.add(body.model)
         return await self._render(response, body, key, reservation, prompt, include_usage, headers, opened)
-
-    def _stage(self, stage: str, since: float) -> float:
-        now = time.perf_counter()
-        STAGE_SECONDS.labels(self.service, stage).observe(now - since)
-        return now
 
     def _hit(self, entry: CacheEntry, headers: dict[str, str]) -> Response | Stream:
         self.cache.hits += 1
@@ -213,7 +208,7 @@ class ChatPath:
                     if parts is not None:
                         parts.append(out)
                     if opened is not None:  # once per answer
-                        self._stage("first_event", opened)
+                        stage_done(self.service, "first_event", opened)
                         opened = None
                     yield out
                     if tap.done:

@@ -11,7 +11,7 @@ from litestar.response import Stream
 
 from common.authn import Identity
 from common.errors import ApiError, not_found
-from common.metrics import STAGE_SECONDS
+from common.metrics import stage_done
 from common.proxy import request_body_too_large
 from common.security import service_principal
 from fallback.forward import admit, forward_to
@@ -48,7 +48,7 @@ async def forward(request: Request, state: State) -> Response | Stream:
                                 identity, {}, deps.total_timeout)
     started = time.perf_counter()
     identity = await deps.auth.authenticate(request)
-    STAGE_SECONDS.labels(deps.service, "auth").observe(time.perf_counter() - started)
+    stage_done(deps.service, "auth", started)
     admission = partial(admit, deps.requests, deps.service, identity, identity.plan.requests_per_min)
     if request_body_too_large(request, deps.max_body_bytes):
         await admission()  # counted all the same; over the limit, the caller hears the 429

@@ -26,7 +26,7 @@ from litestar.response import Stream
 from common.contracts import ModelRecord, TurnEvent, UsageEvent
 from common.errors import ApiError, ErrorBody, ErrorEnvelope, decode_body, unavailable
 from common.logging import request_id_var
-from common.metrics import FALLBACKS, STAGE_SECONDS
+from common.metrics import FALLBACKS, stage_done
 from common.openai_schema import (
     ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, ChunkChoice, Choice, Delta,
     InferenceRequest, ResponseMessage, StreamOptions, Usage, completion_id, now,
@@ -98,9 +98,9 @@ async def chat_completion(request: Request, deps) -> Response | Stream:
         deps.inflight[slot] = time.monotonic()
     handed_over = False
     try:
-        opening = _stage("prepare", started)  # token, body, idempotency, model, conversation
+        opening = stage_done("chat", "prepare", started)  # token, body, idempotency, model, conversation
         upstream, served, degraded = await _open_with_fallback(deps, principal, body, model, conversation, history)
-        opened = _stage("inference", opening)  # the context, and the inference service's headers
+        opened = stage_done("chat", "inference", opening)  # the context, and the inference service's headers
         draft = _TurnDraft(body, principal, served, key or "", request_hash)
         headers = {TURN_HEADER: draft.turn_id}
         if body.conversation_id:
@@ -116,12 +116,6 @@ async def chat_completion(request: Request, deps) -> Response | Stream:
     finally:
         if slot and not handed_over:
             deps.inflight.pop(slot, None)
-
-
-def _stage(stage: str, since: float) -> float:
-    now = time.perf_counter()
-    STAGE_SECONDS.labels("chat", stage).observe(now - since)
-    return now
 
 
 def _request_hash(body: ChatCompletionRequest) -> str:
@@ -289,8 +283,7 @@ class _TurnDraft:
 
 
 async def _relay(upstream: httpx.Response, turn: _TurnDraft, deps, include_usage: bool,
-                 slot: tuple[str, str] | None, opened: float) -> AsyncIterator[bytes]:
-    first: float | None = opened
+                 slot: tuple[str, str] | None, opened: float | None) -> AsyncIterator[bytes]:
     try:
         async for event in EventSource(upstream).aiter_sse():
             if event.data == "[DONE]":
@@ -310,9 +303,9 @@ async def _relay(upstream: httpx.Response, turn: _TurnDraft, deps, include_usage
                 return
             if chunk.usage is not None and not chunk.choices and not include_usage:
                 continue  # we asked for usage for ourselves; the caller did not
-            if first is not None:  # once per answer
-                _stage("first_event", first)
-                first = None
+            if opened is not None:  # once per answer
+                stage_done("chat", "first_event", opened)
+                opened = None
             yield b"data: " + event.data.encode() + b"\n\n"
         yield error_frame(_cut_error())
     except httpx.HTTPError:
