@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from common.errors import EXCEPTION_HANDLERS
 from common.logging import configure_logging, request_id_var, trace_id_var
-from common.metrics import REQUEST_DURATION, REQUESTS
+from common.metrics import GC_FROZEN, REQUEST_DURATION, REQUESTS
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,8 @@ def freeze_long_lived_objects() -> None:
     """
     gc.collect()
     gc.freeze()
+    # set here, not read at each scrape: gc.get_freeze_count() walks the whole frozen list
+    GC_FROZEN.set(gc.get_freeze_count())
 
 
 @asynccontextmanager

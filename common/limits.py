@@ -9,6 +9,9 @@ Tokens per UTC day per user use reserve/settle: a request holds its maximum cost
 call, a stream grows its hold as it goes, and settle replaces the hold with the real usage.
 Holds carry deadlines, so a replica that dies before settling leaks nothing for long.
 
+A chat completion asks both, and its response cache, in one round trip (TokenBudget.admit): the
+request is counted first, then a fresh cached answer comes back instead of a reservation.
+
 Redis being unreachable or slow never reaches the caller: every Redis call is bounded by a
 short timeout, and the in-process limiter with the same interface answers instead, with the
 replica's share of each limit (limit // replicas).
@@ -77,6 +80,15 @@ class BudgetDecision(msgspec.Struct, frozen=True, kw_only=True):
     local: bool = False
 
 
+class Admission(msgspec.Struct, frozen=True):
+    """TokenBudget.admit's answer: the requests/min decision; then either the token decision, or the
+    cached answer found fresh (no tokens held); both None when requests/min refused the request."""
+
+    requests: RateDecision
+    tokens: BudgetDecision | None = None
+    cached: bytes | None = None
+
+
 def _today(now: float) -> tuple[str, float]:
     """The UTC day for `now` (YYYYMMDD) and the seconds left until it ends."""
     return time.strftime("%Y%m%d", time.gmtime(now)), DAY - now % DAY
@@ -126,23 +138,26 @@ class RedisCalls:
 
 # ---- requests per period ------------------------------------------------------------------
 
-# KEYS[1] the client's TAT (ms, server clock); ARGV limit, period_ms.
+# gcra(key, limit, period_ms): one request for the client whose TAT (ms, server clock) is at `key`.
 # Returns {allowed, remaining, reset_ms, retry_ms}.
-_GCRA = """
-local limit = tonumber(ARGV[1])
-local period = tonumber(ARGV[2])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local interval = period / limit
-local tat = math.max(tonumber(redis.call('GET', KEYS[1])) or now, now)
-local new_tat = tat + interval
-local retry = new_tat - period - now
-if retry > 0 then
-  return {0, 0, math.ceil(tat - now), math.ceil(retry)}
+_GCRA_STEP = """
+local function gcra(key, limit, period)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+  local interval = period / limit
+  local tat = math.max(tonumber(redis.call('GET', key)) or now, now)
+  local new_tat = tat + interval
+  local retry = new_tat - period - now
+  if retry > 0 then
+    return {0, 0, math.ceil(tat - now), math.ceil(retry)}
+  end
+  redis.call('SET', key, string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now))
+  return {1, math.floor((period - (new_tat - now)) / interval + 1e-9), math.ceil(new_tat - now), 0}
 end
-redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now))
-return {1, math.floor((period - (new_tat - now)) / interval + 1e-9), math.ceil(new_tat - now), 0}
 """
+
+# KEYS[1] the client's TAT; ARGV limit, period_ms.
+_GCRA = _GCRA_STEP + "return gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))\n"
 
 
 class LocalRateLimiter:
@@ -207,15 +222,41 @@ class RequestRateLimiter:
         self._redis = RedisCalls(f"rl:{scope}", timeout, cooldown)
         self._local = LocalRateLimiter(period=period, max_keys=max_local_keys)
 
+    @property
+    def period_ms(self) -> int:
+        return self._period_ms
+
+    def redis_key(self, key: str) -> str:
+        return self._prefix + key
+
     async def hit(self, key: str, limit: int) -> RateDecision:
         """Count one request for `key` against `limit`; never raises because of Redis."""
         try:
-            allowed, remaining, reset_ms, retry_ms = await self._redis.run(
+            reply = await self._redis.run(
                 lambda: self._script(keys=[self._prefix + key], args=[limit, self._period_ms]))
         except RedisUnavailable:
-            return await self._local.hit(key, _local_share(limit, self._replicas))
-        return RateDecision(allowed=bool(allowed), limit=limit, remaining=int(remaining),
-                            reset_seconds=int(reset_ms) / 1000, retry_after=int(retry_ms) / 1000)
+            return await self.hit_local(key, limit)
+        return rate_decision(reply, limit)
+
+    async def hit_local(self, key: str, limit: int) -> RateDecision:
+        """The decision without Redis: this replica's share of `limit`."""
+        return await self._local.hit(key, _local_share(limit, self._replicas))
+
+
+def rate_decision(reply: list, limit: int) -> RateDecision:
+    """A GCRA step's {allowed, remaining, reset_ms, retry_ms} as a decision."""
+    allowed, remaining, reset_ms, retry_ms = reply[:4]
+    return RateDecision(allowed=bool(allowed), limit=limit, remaining=int(remaining),
+                        reset_seconds=int(reset_ms) / 1000, retry_after=int(retry_ms) / 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRate:
+    """Who a request is counted as against which requests/min limit."""
+
+    limiter: RequestRateLimiter
+    key: str
+    limit: int
 
 
 # KEYS[1] the client's TAT (ms, server clock); ARGV admitted (by one replica since its last sync), limit,
@@ -315,36 +356,37 @@ class SyncedRateLimiter:
 
 # ---- tokens per day -----------------------------------------------------------------------
 
-# KEYS[1] hash: used, held, r:<id> -> tokens held by that reservation
-# KEYS[2] zset: reservation id -> deadline (ms, server clock)
+# TOK hash: used, held, r:<id> -> tokens held by that reservation (KEYS[1] unless a script says otherwise)
+# HOLDS zset: reservation id -> deadline (ms, server clock) (KEYS[2] unless a script says otherwise)
 # Every script first drops the holds whose deadline has passed.
+_TOK_KEYS = "local TOK, HOLDS = KEYS[1], KEYS[2]\n"
 _PRUNE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
+local expired = redis.call('ZRANGEBYSCORE', HOLDS, '-inf', now)
 for _, id in ipairs(expired) do
-  local amount = tonumber(redis.call('HGET', KEYS[1], 'r:' .. id)) or 0
-  redis.call('HINCRBY', KEYS[1], 'held', -amount)
-  redis.call('HDEL', KEYS[1], 'r:' .. id)
+  local amount = tonumber(redis.call('HGET', TOK, 'r:' .. id)) or 0
+  redis.call('HINCRBY', TOK, 'held', -amount)
+  redis.call('HDEL', TOK, 'r:' .. id)
 end
 if #expired > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  redis.call('ZREMRANGEBYSCORE', HOLDS, '-inf', now)
 end
-local used = tonumber(redis.call('HGET', KEYS[1], 'used')) or 0
-local held = tonumber(redis.call('HGET', KEYS[1], 'held')) or 0
+local used = tonumber(redis.call('HGET', TOK, 'used')) or 0
+local held = tonumber(redis.call('HGET', TOK, 'held')) or 0
 local function hold(id, amount, old, ttl)
-  redis.call('HSET', KEYS[1], 'r:' .. id, amount)
-  redis.call('HINCRBY', KEYS[1], 'held', amount - old)
-  redis.call('ZADD', KEYS[2], now + ttl, id)
+  redis.call('HSET', TOK, 'r:' .. id, amount)
+  redis.call('HINCRBY', TOK, 'held', amount - old)
+  redis.call('ZADD', HOLDS, now + ttl, id)
 end
 local function keep_until(at)
-  redis.call('EXPIREAT', KEYS[1], at)
-  redis.call('EXPIREAT', KEYS[2], at)
+  redis.call('EXPIREAT', TOK, at)
+  redis.call('EXPIREAT', HOLDS, at)
 end
 """
 
 # ARGV id, cost, limit, ttl_ms, expire_at. Returns {allowed, remaining}.
-_RESERVE = _PRUNE + """
+_RESERVE = _TOK_KEYS + _PRUNE + """
 local cost, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
 if used + held + cost > limit then
   return {0, limit - used - held}
@@ -356,9 +398,9 @@ return {1, limit - used - held - cost}
 
 # ARGV id, tokens_so_far, grow_by, limit, ttl_ms, expire_at. Returns {allowed, tokens held}.
 # A hold that already expired (missed renewals) is taken again from what is left.
-_CONSUME = _PRUNE + """
+_CONSUME = _TOK_KEYS + _PRUNE + """
 local id, tokens, grow, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local amount = tonumber(redis.call('HGET', KEYS[1], 'r:' .. id)) or 0
+local amount = tonumber(redis.call('HGET', TOK, 'r:' .. id)) or 0
 local available = limit - used - (held - amount)
 if tokens > available then
   return {0, amount}
@@ -370,16 +412,42 @@ return {1, new}
 """
 
 # ARGV id, actual tokens, expire_at. Charged even when the hold already expired: the tokens were used.
-_SETTLE = _PRUNE + """
-local amount = tonumber(redis.call('HGET', KEYS[1], 'r:' .. ARGV[1]))
+_SETTLE = _TOK_KEYS + _PRUNE + """
+local amount = tonumber(redis.call('HGET', TOK, 'r:' .. ARGV[1]))
 if amount then
-  redis.call('HINCRBY', KEYS[1], 'held', -amount)
-  redis.call('HDEL', KEYS[1], 'r:' .. ARGV[1])
-  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('HINCRBY', TOK, 'held', -amount)
+  redis.call('HDEL', TOK, 'r:' .. ARGV[1])
+  redis.call('ZREM', HOLDS, ARGV[1])
 end
-redis.call('HINCRBY', KEYS[1], 'used', tonumber(ARGV[2]))
+redis.call('HINCRBY', TOK, 'used', tonumber(ARGV[2]))
 keep_until(ARGV[3])
 return 1
+"""
+
+
+# One chat completion's way in, in one round trip: requests/min first (a refused request holds nothing);
+# then a fresh cached answer, if the caller names one, which costs no tokens; else the token reservation.
+# KEYS rate TAT, TOK, HOLDS[, cache entry]; ARGV rate limit, period_ms, id, cost, limit, ttl_ms, expire_at,
+# the cache entry's least remaining ms to count as fresh (it was stored for stale_ttl, is fresh for ttl).
+# Returns the GCRA reply, then {1|0 reserved, remaining} or {-1, 0, cached answer}.
+_ADMIT = _GCRA_STEP + "local TOK, HOLDS = KEYS[2], KEYS[3]\n" + _PRUNE + """
+local rate = gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))
+if rate[1] == 0 then
+  return rate
+end
+if #KEYS == 4 and redis.call('PTTL', KEYS[4]) > tonumber(ARGV[8]) then
+  rate[5], rate[6], rate[7] = -1, 0, redis.call('GET', KEYS[4])
+  return rate
+end
+local cost, limit = tonumber(ARGV[4]), tonumber(ARGV[5])
+if used + held + cost > limit then
+  rate[5], rate[6] = 0, limit - used - held
+  return rate
+end
+hold(ARGV[3], cost, 0, tonumber(ARGV[6]))
+keep_until(ARGV[7])
+rate[5], rate[6] = 1, limit - used - held - cost
+return rate
 """
 
 
@@ -481,6 +549,7 @@ class TokenBudget:
         self._ttl = reservation_ttl
         self._grow_by = grow_by
         self._reserve = redis.register_script(_RESERVE)
+        self._admit = redis.register_script(_ADMIT)
         self._consume = redis.register_script(_CONSUME)
         self._settle = redis.register_script(_SETTLE)
         self._redis = RedisCalls("tok", timeout, cooldown)
@@ -504,17 +573,48 @@ class TokenBudget:
                 keys=self._keys(user_id, day),
                 args=[rid, max_cost, limit, int(self._ttl * 1000), self._expire_at(day)]))
         except RedisUnavailable:
-            local_limit = _local_share(limit, self._replicas)
-            decision = await self._local.reserve(user_id, max_cost, local_limit)
-            # headers show the user's real limit; the local share only decides
-            return msgspec.structs.replace(decision, limit=limit)
+            return await self._reserve_local(user_id, max_cost, limit)
+        return self._decision(bool(allowed), int(remaining), rid, user_id, day, reset, max_cost, limit)
+
+    async def admit(self, rate: KeyRate, user_id: str, max_cost: int, limit: int, *, cached: str | None = None,
+                    fresh_pttl_ms: int = 0) -> Admission:
+        """Count the request against `rate`, then hold `max_cost` tokens as reserve() does, in one round
+        trip. `cached` names a cache entry (its Redis key): when it holds more than `fresh_pttl_ms` of its
+        life, it comes back instead and no tokens are held."""
+        day, reset = _today(time.time())
+        rid = uuid.uuid4().hex
+        keys = [rate.limiter.redis_key(rate.key), *self._keys(user_id, day), *([cached] if cached else [])]
+        try:
+            reply = await self._redis.run(lambda: self._admit(
+                keys=keys, args=[rate.limit, rate.limiter.period_ms, rid, max_cost, limit, int(self._ttl * 1000),
+                                 self._expire_at(day), fresh_pttl_ms]))
+        except RedisUnavailable:
+            requests = await rate.limiter.hit_local(rate.key, rate.limit)
+            if not requests.allowed:
+                return Admission(requests)
+            return Admission(requests, await self._reserve_local(user_id, max_cost, limit))
+        requests = rate_decision(reply, rate.limit)
+        if len(reply) == 4:  # refused by requests/min
+            return Admission(requests)
+        if reply[4] == -1:
+            return Admission(requests, cached=reply[6])
+        return Admission(requests, self._decision(reply[4] == 1, int(reply[5]), rid, user_id, day, reset, max_cost,
+                                                  limit))
+
+    def _decision(self, allowed: bool, remaining: int, rid: str, user_id: str, day: str, reset: float,
+                  max_cost: int, limit: int) -> BudgetDecision:
         if not allowed:
-            return BudgetDecision(allowed=False, limit=limit, remaining=max(0, int(remaining)),
+            return BudgetDecision(allowed=False, limit=limit, remaining=max(0, remaining),
                                   reset_seconds=reset, retry_after=reset, reservation=None)
         reservation = Reservation(id=rid, user_id=user_id, day=day, limit=limit, reserved=max_cost, local=False,
                                   refresh_at=time.monotonic() + self._ttl / 2)
-        return BudgetDecision(allowed=True, limit=limit, remaining=int(remaining), reset_seconds=reset,
+        return BudgetDecision(allowed=True, limit=limit, remaining=remaining, reset_seconds=reset,
                               retry_after=0.0, reservation=reservation)
+
+    async def _reserve_local(self, user_id: str, max_cost: int, limit: int) -> BudgetDecision:
+        decision = await self._local.reserve(user_id, max_cost, _local_share(limit, self._replicas))
+        # headers show the user's real limit; the local share only decides
+        return msgspec.structs.replace(decision, limit=limit)
 
     async def consume(self, reservation: Reservation, tokens_so_far: int) -> bool:
         """May a stream that has used `tokens_so_far` go on? False: stop it, then settle what it used."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import time
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -62,7 +61,6 @@ STAGE_SECONDS = Histogram(
 FAILOVERS = Counter("dualgate_failover_total", "Requests the router replayed to the fallback gateway", ["domain", "reason"])
 GC_FROZEN = Gauge("dualgate_gc_frozen_objects", "Objects moved out of the garbage collector's sight after startup "
                   "and after a model load (common.app.freeze_long_lived_objects)")
-GC_FROZEN.set_function(gc.get_freeze_count)
 
 
 def stage_done(service: str, stage: str, since: float) -> float:

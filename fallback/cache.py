@@ -71,7 +71,9 @@ def cache_key(tenant: str, body: ChatCompletionRequest) -> str | None:
                         messages=[msgspec.structs.asdict(m) for m in body.messages],
                         max_tokens=body.token_limit(), temperature=body.temperature, top_p=body.top_p,
                         stop=body.stop_list(), seed=body.seed)
-    return hashlib.sha256(_key_encoder.encode(fields)).hexdigest()
+    # the tenant in braces: on a Redis Cluster the entry shares a slot with the tenant's limits, which
+    # read it in the same script (TokenBudget.admit)
+    return f"{{{tenant}}}:{hashlib.sha256(_key_encoder.encode(fields)).hexdigest()}"
 
 
 class _LocalLru:
@@ -120,6 +122,15 @@ class ResponseCache:
     def _redis_key(key: str) -> str:
         return f"dualgate:cache:{key}"
 
+    def redis_key(self, key: str | None) -> str | None:
+        """Where `key` lives in Redis, for a lookup made together with the limits; None: nothing to look up."""
+        return self._redis_key(key) if key is not None and self._redis is not None else None
+
+    @property
+    def fresh_pttl_ms(self) -> int:
+        """Entries are written to live `stale_ttl` and are fresh for `ttl`: fresh while more than this is left."""
+        return int((self.stale_ttl - self.ttl) * 1000)
+
     async def get(self, key: str, *, max_age: float | None = None) -> CacheEntry | None:
         """A fresh entry (or one at most `max_age` old), else None. Never raises for Redis."""
         entry = self._local.get(key)
@@ -128,14 +139,22 @@ class ResponseCache:
                 raw = await self._calls.run(lambda: self._redis.get(self._redis_key(key)))
             except RedisUnavailable:
                 raw = None
-            if raw:
-                try:
-                    entry = _entry_decoder.decode(raw)
-                except msgspec.MsgspecError:
-                    entry = None
-                if entry is not None:
-                    self._local.put(key, entry, len(raw))
+            entry = self._keep(key, raw)
         return self._fresh(entry, max_age)
+
+    def adopt(self, key: str, raw: bytes) -> CacheEntry | None:
+        """An entry read from Redis with the limits: kept in process like any other; returned when fresh."""
+        return self._fresh(self._keep(key, raw))
+
+    def _keep(self, key: str, raw: bytes | None) -> CacheEntry | None:
+        if not raw:
+            return None
+        try:
+            entry = _entry_decoder.decode(raw)
+        except msgspec.MsgspecError:
+            return None
+        self._local.put(key, entry, len(raw))
+        return entry
 
     def get_local(self, key: str) -> CacheEntry | None:
         """A fresh entry from the in-process copy alone: no wait on Redis."""

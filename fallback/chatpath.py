@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 
 import httpx
@@ -24,7 +24,7 @@ from litestar.response import Stream
 
 from common.authn import Identity
 from common.errors import ApiError, decode_body
-from common.limits import Reservation, TokenBudget, rate_headers, retry_after
+from common.limits import KeyRate, Reservation, TokenBudget, rate_headers, retry_after
 from common.metrics import CACHE_HITS, CACHE_MISSES, FALLBACKS, RATE_LIMITED, stage_done
 from common.openai_schema import ChatCompletionRequest, Usage
 from common.proxy import Hop, UpstreamUnavailable, response_headers
@@ -32,6 +32,7 @@ from common.sse import SSE_HEADERS, StreamTap, error_event
 from fallback.cache import CacheEntry, ResponseCache, cache_key
 from fallback.chain import ChainRequest, FallbackChain, FromCache, upstream_body
 from fallback.degraded import DEGRADED_HEADER, degraded_response
+from fallback.forward import admit, read_body, refused
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,6 @@ JSON = "application/json"
 _encoder = msgspec.json.Encoder()
 _PASS_HEADERS = ("idempotency-key",)
 MAX_KNOWN_MODELS = 1024
-Admission = Callable[[], Awaitable[dict[str, str]]]  # requests/min: the rate headers, or raises the 429
 
 
 class _UsageOnly(msgspec.Struct):
@@ -81,40 +81,40 @@ class ChatPath:
     # models the chat service has answered for: the chain never stands in for a model nobody has seen
     _known_models: set[str] = field(default_factory=set)
 
-    async def handle(self, request: Request, identity: Identity, admission: Admission) -> Response | Stream:
-        """`admission` counts the request against requests/min: its rate headers, or a 429."""
+    async def handle(self, request: Request, identity: Identity, rate: KeyRate) -> Response | Stream:
+        """`rate`: the caller's requests/min, counted here for every request, a bad one too."""
         try:
             body: ChatCompletionRequest = decode_body(await request.body(), ChatCompletionRequest)
             check_plan(body, identity)
         except ApiError:
-            await admission()  # a bad request still counts; over the limit, the caller hears the 429
+            await admit(self.service, rate)  # a bad request still counts; over the limit, the caller hears the 429
             raise
         started = time.perf_counter()
         tenant = identity.principal.subject
         key = cache_key(tenant, body)
         include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
         if key is not None and (entry := self.cache.get_local(key)) is not None:
-            return self._hit(entry, await admission())
+            return self._hit(entry, await admit(self.service, rate))
 
-        # the cache lookup (a read) waits on Redis together with the limit; the tokens are reserved only
-        # for a request the limit admitted, so a refused one never holds budget another could use
-        lookup = asyncio.ensure_future(self.cache.get(key)) if key is not None else None
-        try:
-            headers = await admission()
-        except BaseException:
-            if lookup is not None:
-                self._later(lookup)  # left to finish: cancelling a Redis call mid-way drops its connection
-            raise
-        if lookup is not None and (entry := await lookup) is not None:
+        # one Redis round trip: requests/min, then this tenant's fresh cached answer (which costs no
+        # tokens) or the token reservation; a request the limit refuses holds no budget another could use
+        prompt = estimate_prompt_tokens(body)
+        cost = prompt + (body.token_limit() or self.initial_hold)
+        limit = identity.plan.tokens_per_day
+        admission = await self.budget.admit(rate, tenant, cost, limit, cached=self.cache.redis_key(key),
+                                            fresh_pttl_ms=self.cache.fresh_pttl_ms)
+        headers = rate_headers(requests=admission.requests)
+        if not admission.requests.allowed:
+            raise refused(self.service, admission.requests, headers)
+        if admission.cached is not None and (entry := self.cache.adopt(key, admission.cached)) is not None:
             return self._hit(entry, headers)
         if key is not None:
             self.cache.misses += 1
             CACHE_MISSES.labels(self.service).inc()
         headers["x-cache"] = "miss"
 
-        prompt = estimate_prompt_tokens(body)
-        decision = await self.budget.reserve(tenant, prompt + (body.token_limit() or self.initial_hold),
-                                             identity.plan.tokens_per_day)
+        # no token decision: Redis held an entry this replica's clock finds stale (rare); reserve now
+        decision = admission.tokens or await self.budget.reserve(tenant, cost, limit)
         headers.update(rate_headers(tokens=decision))
         if not decision.allowed:
             RATE_LIMITED.labels(self.service, "tokens").inc()
@@ -122,7 +122,7 @@ class ChatPath:
                            "the reset.", type="tokens", code="rate_limit_exceeded",
                            headers={**headers, "Retry-After": retry_after(decision.retry_after)})
         reservation = decision.reservation
-        stage_done(self.service, "limits", started)  # requests/min, the cache lookup beside it, the token reservation
+        stage_done(self.service, "limits", started)  # requests/min, the cache lookup and the token reservation
         passed = {name: request.headers[name] for name in _PASS_HEADERS if name in request.headers}
         upstream_headers = {**passed, **self.tokens.headers("chat", identity.principal), "content-type": JSON}
         opening = time.perf_counter()
@@ -250,25 +250,8 @@ class ChatPath:
                 log.exception("settling tokens failed")
 
 
-async def read_body(response: httpx.Response, timeout: float) -> bytes:
-    try:
-        async with asyncio.timeout(timeout):
-            return await response.aread()
-    except (TimeoutError, httpx.HTTPError):
-        raise ApiError(502, "The upstream answer was cut before it finished.", type="server_error",
-                       code="stream_interrupted") from None
-    finally:
-        await response.aclose()
-
-
 def replay(entry: CacheEntry, headers: dict[str, str]) -> Response | Stream:
     """A cached answer as it was first sent: a stream replays its event groups one by one."""
     if entry.stream:
         return Stream(list(entry.parts), status_code=200, media_type=SSE, headers={**SSE_HEADERS, **headers})
     return Response(entry.parts[0], status_code=200, media_type=JSON, headers=headers)
-
-
-def deny_requests(decision, headers: dict[str, str]) -> ApiError:
-    return ApiError(429, f"Rate limit reached: {decision.limit} requests per minute.", type="requests",
-                    code="rate_limit_exceeded", headers={**headers, "Retry-After": retry_after(decision.retry_after)})
-

@@ -3,20 +3,23 @@ copy of a per-tenant read kept for when its service cannot answer."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
+
+import httpx
 
 from litestar import Request, Response
 from litestar.response import Stream
 
 from common.authn import Identity
 from common.http import forward_headers
-from common.limits import RequestRateLimiter, rate_headers
+from common.errors import ApiError
+from common.limits import KeyRate, RateDecision, RequestRateLimiter, rate_headers, retry_after
 from common.metrics import FALLBACKS, RATE_LIMITED
 from common.proxy import UPSTREAM_HEADER, Hop, UpstreamUnavailable, may_retry, relay_response, response_headers
 from common.security import INTERNAL_TOKEN_HEADER, InternalTokens
 from fallback.cache import LastKnown
-from fallback.chatpath import deny_requests, read_body
 from fallback.degraded import DEGRADED_HEADER, degraded_response
 
 log = logging.getLogger(__name__)
@@ -32,15 +35,37 @@ class Upstream:
     hop: Hop
 
 
-async def admit(limiter: RequestRateLimiter, service: str, identity: Identity, limit: int) -> dict[str, str]:
-    """Requests per minute per key: the rate headers to send, or a 429 with Retry-After."""
+def key_rate(limiter: RequestRateLimiter, identity: Identity, limit: int) -> KeyRate:
+    """Requests per minute per API key (per user for a JWT). The user in braces: on a Redis Cluster the
+    count shares a slot with the user's token budget, which the chat path updates in the same script."""
     principal = identity.principal
-    decision = await limiter.hit(principal.key_id or principal.subject, limit)
+    return KeyRate(limiter, f"{{{principal.subject}}}:{principal.key_id or principal.subject}", limit)
+
+
+async def admit(service: str, rate: KeyRate) -> dict[str, str]:
+    """Count one request: the rate headers to send, or a 429 with Retry-After."""
+    decision = await rate.limiter.hit(rate.key, rate.limit)
     headers = rate_headers(requests=decision)
     if not decision.allowed:
-        RATE_LIMITED.labels(service, "requests").inc()
-        raise deny_requests(decision, headers)
+        raise refused(service, decision, headers)
     return headers
+
+
+def refused(service: str, decision: RateDecision, headers: dict[str, str]) -> ApiError:
+    RATE_LIMITED.labels(service, "requests").inc()
+    return ApiError(429, f"Rate limit reached: {decision.limit} requests per minute.", type="requests",
+                    code="rate_limit_exceeded", headers={**headers, "Retry-After": retry_after(decision.retry_after)})
+
+
+async def read_body(response: httpx.Response, timeout: float) -> bytes:
+    try:
+        async with asyncio.timeout(timeout):
+            return await response.aread()
+    except (TimeoutError, httpx.HTTPError):
+        raise ApiError(502, "The upstream answer was cut before it finished.", type="server_error",
+                       code="stream_interrupted") from None
+    finally:
+        await response.aclose()
 
 
 def read_key(path: str, query: str) -> str:

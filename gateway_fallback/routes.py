@@ -8,8 +8,6 @@ write answers 503 with Retry-After, flagged as degraded.
 
 from __future__ import annotations
 
-from functools import partial
-
 from litestar import HttpMethod, Request, Response, get, route
 from litestar.datastructures import State
 from litestar.response import Stream
@@ -17,7 +15,7 @@ from litestar.response import Stream
 from common.errors import ApiError, not_found
 from common.proxy import request_body_too_large
 from fallback import degraded_response
-from fallback.forward import admit, forward_to
+from fallback.forward import admit, forward_to, key_rate
 
 READS = {"/v1/users/me": "users", "/v1/usage": "users", "/v1/models": "models"}
 CHAT_COMPLETIONS = "/v1/chat/completions"
@@ -32,14 +30,13 @@ async def serve(request: Request, state: State) -> Response | Stream:
     if not any(path == p or path.startswith(p + "/") for p in KNOWN_PREFIXES):
         raise not_found(f"No route for {method} {path}.", code="unknown_route")
     identity = await deps.auth.authenticate(request)
-    limit = deps.request_limit(identity.plan.requests_per_min)
-    admission = partial(admit, deps.requests, deps.service, identity, limit)
+    rate = key_rate(deps.requests, identity, deps.request_limit(identity.plan.requests_per_min))
     if request_body_too_large(request, deps.max_body_bytes):
-        await admission()  # counted all the same; over the limit, the caller hears the 429
+        await admit(deps.service, rate)  # counted all the same; over the limit, the caller hears the 429
         raise ApiError(413, "Request body too large.", code="request_too_large")
     if path == CHAT_COMPLETIONS and method == "POST":
-        return await deps.chat_path.handle(request, identity, admission)
-    headers = await admission()
+        return await deps.chat_path.handle(request, identity, rate)
+    headers = await admit(deps.service, rate)
     service = READS.get(path) if method == "GET" else None
     if service is not None:
         return await forward_to(deps.service, deps.upstreams[service], deps.tokens, deps.last_known, request,

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import time
-from functools import partial
-
 from litestar import HttpMethod, Request, Response, get, route
 from litestar.datastructures import State
 from litestar.response import Stream
@@ -14,7 +12,7 @@ from common.errors import ApiError, not_found
 from common.metrics import stage_done
 from common.proxy import request_body_too_large
 from common.security import service_principal
-from fallback.forward import admit, forward_to
+from fallback.forward import admit, forward_to, key_rate
 
 # which service answers which path prefix, per domain
 ROUTES: dict[str, tuple[tuple[str, str], ...]] = {
@@ -49,14 +47,14 @@ async def forward(request: Request, state: State) -> Response | Stream:
     started = time.perf_counter()
     identity = await deps.auth.authenticate(request)
     stage_done(deps.service, "auth", started)
-    admission = partial(admit, deps.requests, deps.service, identity, identity.plan.requests_per_min)
+    rate = key_rate(deps.requests, identity, identity.plan.requests_per_min)
     if request_body_too_large(request, deps.max_body_bytes):
-        await admission()  # counted all the same; over the limit, the caller hears the 429
+        await admit(deps.service, rate)  # counted all the same; over the limit, the caller hears the 429
         raise ApiError(413, "Request body too large.", code="request_too_large")
     if service == "chat" and path == CHAT_COMPLETIONS and request.method == "POST":
-        return await deps.chat_path.handle(request, identity, admission)
+        return await deps.chat_path.handle(request, identity, rate)
     return await forward_to(deps.service, deps.upstreams[service], deps.tokens, deps.last_known, request, identity,
-                            await admission(), deps.total_timeout)
+                            await admit(deps.service, rate), deps.total_timeout)
 
 
 @get("/internal/status", include_in_schema=False, sync_to_thread=False)

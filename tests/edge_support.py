@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import importlib.util
 import subprocess
 import time
@@ -49,8 +50,9 @@ def valkey_server() -> Iterator[int]:
 
 
 async def eventually(condition: Callable[[], object], timeout: float = 5.0) -> None:
+    """Wait until `condition()` (a value, or an awaitable of one) is true."""
     deadline = time.monotonic() + timeout
-    while not condition():
+    while not ((await met) if inspect.isawaitable(met := condition()) else met):
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.01)
 

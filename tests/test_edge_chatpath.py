@@ -11,7 +11,6 @@ import json
 import os
 import uuid
 from collections.abc import AsyncIterator
-from functools import partial
 from pathlib import Path
 
 import httpx
@@ -35,7 +34,7 @@ from edge_support import eventually, sse_body, valkey_server
 from fallback.cache import CacheEntry, ResponseCache
 from fallback.chain import CachedAnswer, ChainRequest, FallbackChain, LocalModel, SimplifiedModel
 from fallback.chatpath import ChatPath
-from fallback.forward import admit
+from fallback.forward import key_rate
 
 MODEL = "synthetic"
 
@@ -93,7 +92,8 @@ class Gateway:
     """The chat path behind a tiny app; the bearer key names the user."""
 
     def __init__(self, redis: Redis, *, tokens_per_day: int = 1_000_000, requests_per_min: int = 10_000,
-                 chain: bool = True, first_byte: float = 0.5, local: LocalModel | None = None) -> None:
+                 chain: bool = True, first_byte: float = 0.5, local: LocalModel | None = None,
+                 cache_ttl: float = 60) -> None:
         self.chat = ScriptedModel("chat")
         self.inference = ScriptedModel("inference")
         self.redis = redis
@@ -106,7 +106,7 @@ class Gateway:
                    attempts=1)
         inference = Hop("inference", self.inference.client, AsyncBreaker(f"inference-{suffix}", None),
                         first_byte_timeout=first_byte, total_timeout=5.0, attempts=1)
-        self.cache = ResponseCache(redis, ttl=60, stale_ttl=600)
+        self.cache = ResponseCache(redis, ttl=cache_ttl, stale_ttl=600)
         self.simplified = SimplifiedModel(inference, tokens, "smollm2-135m-instruct", 16, "gateway-test", local)
         layers = [CachedAnswer(self.cache), self.simplified]
         self.budget = TokenBudget(redis)
@@ -118,8 +118,7 @@ class Gateway:
         async def completions(request: Request, state: State) -> object:
             user = request.headers["authorization"].split()[-1]
             identity = Identity(Principal(user, ("user",), key_id=f"key-{user}"), plan=self.plan)
-            return await self.path.handle(request, identity,
-                                          partial(admit, self.requests, "gateway-test", identity, requests_per_min))
+            return await self.path.handle(request, identity, key_rate(self.requests, identity, requests_per_min))
 
         self.app = Litestar(route_handlers=[completions], exception_handlers=EXCEPTION_HANDLERS)
 
@@ -339,19 +338,21 @@ async def test_requests_over_the_per_minute_limit_are_refused_and_hold_none_of_t
     assert refused.json()["error"]["type"] == "requests" and int(refused.headers["retry-after"]) >= 1
     assert gateway.chat.calls == 3
 
-    async def held_and_used() -> tuple[int, int]:
-        held = used = 0
-        for key in await redis.keys(f"dualgate:tok:{{{user}}}:*"):
-            if not key.endswith(b":holds"):
-                held += int(await redis.hget(key, "held") or 0)
-                used += int(await redis.hget(key, "used") or 0)
-        return held, used
-
     await eventually(lambda: gateway.path._background == set())
     charged = sum(a.json()["usage"]["total_tokens"] for a in answers if a.status_code == 200)
-    assert await held_and_used() == (0, charged)  # the three answers' usage, no hold left behind
+    assert await held_and_used(redis, user) == (0, charged)  # the three answers' usage, no hold left behind
     bad = await http.post("/v1/chat/completions", json={"model": MODEL})
     assert bad.status_code == 429  # over the limit, a malformed request hears the 429 first
+
+
+async def held_and_used(redis: Redis, user: str) -> tuple[int, int]:
+    """The user's tokens held by requests in flight, and used, today."""
+    held = used = 0
+    for key in await redis.keys(f"dualgate:tok:{{{user}}}:*"):
+        if not key.endswith(b":holds"):
+            held += int(await redis.hget(key, "held") or 0)
+            used += int(await redis.hget(key, "used") or 0)
+    return held, used
 
 
 async def test_a_stream_that_would_cross_the_daily_budget_is_stopped_with_an_error_event(redis):
@@ -386,6 +387,41 @@ async def test_user_b_never_receives_user_a_cached_answer(gateway):
     b = await gateway.http("bob").post("/v1/chat/completions", json=body)
     assert b.headers["x-cache"] == "miss" and a.json()["id"] != b.json()["id"]
     assert gateway.chat.calls == 2
+
+
+async def test_an_answer_another_replica_cached_is_a_hit_here_and_costs_no_tokens(redis):
+    """The limit, the cache lookup and the token reservation are one Redis script: a fresh answer that
+    another replica stored comes back with the limit's decision, and nothing is held or charged for it."""
+    a, b = Gateway(redis), Gateway(redis)  # one Redis, an in-process cache each
+    user, body = f"u-{uuid.uuid4().hex[:6]}", ask("asked on two replicas", temperature=0)
+    first = await a.http(user).post("/v1/chat/completions", json=body)
+    await a.cache.drain()
+    await eventually(lambda: a.path._background == set())
+    charged = await held_and_used(redis, user)
+    second = await b.http(user).post("/v1/chat/completions", json=body)
+    assert (first.headers["x-cache"], second.headers["x-cache"]) == ("miss", "hit")
+    assert second.json() == first.json() and b.chat.calls == 0
+    assert second.headers["x-ratelimit-remaining-requests"]  # the limit counted it all the same
+    await eventually(lambda: b.path._background == set())
+    assert await held_and_used(redis, user) == charged == (0, first.json()["usage"]["total_tokens"])
+
+
+async def test_an_answer_past_its_ttl_is_asked_again_and_charged(redis):
+    a, b = Gateway(redis, cache_ttl=0.2), Gateway(redis, cache_ttl=0.2)
+    user, body = f"u-{uuid.uuid4().hex[:6]}", ask("asked twice, later", temperature=0)
+    first = await a.http(user).post("/v1/chat/completions", json=body)
+    await a.cache.drain()
+
+    async def stale() -> bool:  # written to live stale_ttl; fresh while more than stale_ttl - ttl is left
+        [key] = await redis.keys(f"dualgate:cache:{{{user}}}:*")  # the tenant's entries share its hash tag
+        return 0 < await redis.pttl(key) < a.cache.fresh_pttl_ms
+
+    await eventually(stale)
+    second = await b.http(user).post("/v1/chat/completions", json=body)
+    assert second.headers["x-cache"] == "miss" and b.chat.calls == 1
+    await eventually(lambda: b.path._background == set())
+    used = first.json()["usage"]["total_tokens"] + second.json()["usage"]["total_tokens"]
+    assert await held_and_used(redis, user) == (0, used)
 
 
 async def test_nondeterministic_requests_are_never_cached(gateway):

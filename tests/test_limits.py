@@ -13,7 +13,9 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from redis.asyncio import Redis
 
-from common.limits import LocalRateLimiter, LocalTokenBudget, RequestRateLimiter, SyncedRateLimiter, TokenBudget
+from common.limits import (
+    KeyRate, LocalRateLimiter, LocalTokenBudget, RequestRateLimiter, SyncedRateLimiter, TokenBudget,
+)
 from edge_support import free_port, valkey_process
 
 BOUND = 0.5  # no call may wait on a frozen Redis longer than this (the limiters' timeout is 0.1 s)
@@ -265,6 +267,25 @@ async def test_a_long_stream_keeps_its_hold_past_the_reservation_ttl(connect):
     assert (await other.reserve(user, 50, 100)).allowed
 
 
+async def test_one_round_trip_admission_counts_exactly_and_holds_tokens_only_for_what_it_admits(connect):
+    """requests/min and the token reservation in one script, from two replicas at once: 25 of 60 parallel
+    requests pass the limit, and of those only the 10 that fit today's 100 tokens hold any."""
+    replicas = [(RequestRateLimiter(connect(), "key"), TokenBudget(connect())) for _ in range(2)]
+    key, user = name(), name()
+    answers = await asyncio.gather(*(budget.admit(KeyRate(limiter, key, 25), user, 10, 100)
+                                     for limiter, budget in (replicas[i % 2] for i in range(60))))
+    counted = [a for a in answers if a.requests.allowed]
+    assert len(counted) == 25
+    assert all(a.tokens is None for a in answers if not a.requests.allowed)  # refused: nothing held
+    holding = [a.tokens for a in counted if a.tokens.allowed]
+    assert len(holding) == 10 and not any(a.tokens.local for a in counted)
+    budget = replicas[0][1]
+    assert not (await budget.reserve(user, 1, 100)).allowed  # the 10 holds fill the day
+    for decision in holding:
+        await budget.settle(decision.reservation, 0)
+    assert (await budget.reserve(user, 100, 100)).allowed
+
+
 async def test_token_keys_are_namespaced_and_expire(connect):
     client = connect()
     budget = TokenBudget(client)
@@ -286,6 +307,18 @@ async def test_token_budget_keeps_answering_when_redis_is_unreachable(connect):
     assert not await budget.consume(first.reservation, 501)
     await budget.settle(first.reservation, 100)
     assert (await budget.reserve(user, 400, 1_000)).allowed
+
+
+async def test_one_round_trip_admission_keeps_answering_when_redis_is_unreachable(connect):
+    limiter = RequestRateLimiter(connect(port=free_port()), "key", replicas=2)
+    budget = TokenBudget(connect(port=free_port()), replicas=2)
+    rate, user = KeyRate(limiter, name(), 4), name()
+    answers = [await budget.admit(rate, user, 300, 1_000) for _ in range(3)]
+    assert [a.requests.allowed for a in answers] == [True, True, False]  # 4 a minute over 2 replicas
+    assert all(a.requests.local for a in answers)
+    # this replica's share of the day is 500: the first holds 300, the second cannot
+    assert [a.tokens.allowed for a in answers[:2]] == [True, False] and answers[0].tokens.local
+    assert answers[2].tokens is None
 
 
 async def test_limits_keep_answering_when_redis_is_down(connect, valkey):
