@@ -326,8 +326,8 @@ async def test_a_request_the_daily_budget_cannot_hold_is_refused_with_429_and_ra
 
 
 async def test_requests_over_the_per_minute_limit_are_refused_and_hold_none_of_the_token_budget(redis):
-    """The limit, the cache lookup and the token reservation are asked of Redis at once: a request the
-    limit refuses must hand back the tokens it was reserving, and a refused bad request still counts."""
+    """The limit, the cache lookup and the token reservation are one Redis script: a request the limit
+    refuses holds none of the tokens, and a refused bad request still counts."""
     gateway = Gateway(redis, requests_per_min=3, tokens_per_day=1_000)
     user = f"u-{uuid.uuid4().hex[:6]}"
     http = gateway.http(user)
