@@ -580,7 +580,8 @@ class TokenBudget:
                     fresh_pttl_ms: int = 0) -> Admission:
         """Count the request against `rate`, then hold `max_cost` tokens as reserve() does, in one round
         trip. `cached` names a cache entry (its Redis key): when it holds more than `fresh_pttl_ms` of its
-        life, it comes back instead and no tokens are held."""
+        life, it comes back instead and no tokens are held. The script runs on this budget's Redis, so
+        `rate.limiter` must count on the same server (the gateways build both on one client)."""
         day, reset = _today(time.time())
         rid = uuid.uuid4().hex
         keys = [rate.limiter.redis_key(rate.key), *self._keys(user_id, day), *([cached] if cached else [])]
