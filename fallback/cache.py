@@ -122,7 +122,7 @@ class ResponseCache:
     def _redis_key(key: str) -> str:
         return f"dualgate:cache:{key}"
 
-    def redis_key(self, key: str | None) -> str | None:
+    def lookup_key(self, key: str | None) -> str | None:
         """Where `key` lives in Redis, for a lookup made together with the limits; None: nothing to look up."""
         return self._redis_key(key) if key is not None and self._redis is not None else None
 

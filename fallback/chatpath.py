@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -101,7 +101,7 @@ class ChatPath:
         prompt = estimate_prompt_tokens(body)
         cost = prompt + (body.token_limit() or self.initial_hold)
         limit = identity.plan.tokens_per_day
-        admission = await self.budget.admit(rate, tenant, cost, limit, cached=self.cache.redis_key(key),
+        admission = await self.budget.admit(rate, tenant, cost, limit, cached=self.cache.lookup_key(key),
                                             fresh_pttl_ms=self.cache.fresh_pttl_ms)
         headers = rate_headers(requests=admission.requests)
         if not admission.requests.allowed:
@@ -235,12 +235,9 @@ class ChatPath:
         if key is not None and parts:
             self.cache.put(key, CacheEntry(stored_at=time.time(), stream=True, content_type=SSE, parts=parts))
         if reservation is not None:
-            self._later(self._settle(reservation, used))
-
-    def _later(self, work: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+            task = asyncio.ensure_future(self._settle(reservation, used))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def _settle(self, reservation: Reservation | None, used: int) -> None:
         if reservation is not None:

@@ -8,7 +8,6 @@ import logging
 from dataclasses import dataclass
 
 import httpx
-
 from litestar import Request, Response
 from litestar.response import Stream
 

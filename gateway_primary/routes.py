@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+
 from litestar import HttpMethod, Request, Response, get, route
 from litestar.datastructures import State
 from litestar.response import Stream
