@@ -50,9 +50,15 @@ def apply_migrations_sync(dsn: str, migrations_dir: Path) -> None:
         backend.connection.close()
 
 
+async def _keep_session(connection: asyncpg.Connection) -> None:
+    """Release a connection without asyncpg's reset query (advisory unlock, CLOSE ALL, UNLISTEN,
+    RESET ALL): no store sets session state, and that query is one more round trip per release.
+    asyncpg still rolls back a transaction left open."""
+
+
 async def create_pool(dsn: str, *, max_size: int = 10) -> asyncpg.Pool:
     return await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, command_timeout=QUERY_TIMEOUT,
-                                     timeout=QUERY_TIMEOUT)
+                                     timeout=QUERY_TIMEOUT, reset=_keep_session)
 
 
 class Database:

@@ -24,6 +24,7 @@ from litestar.response import Stream
 
 from common.authn import Identity
 from common.errors import ApiError, decode_body
+from common.http import finish
 from common.limits import KeyRate, Reservation, TokenBudget, rate_headers, retry_after
 from common.metrics import CACHE_HITS, CACHE_MISSES, FALLBACKS, RATE_LIMITED, stage_done
 from common.openai_schema import ChatCompletionRequest, Usage
@@ -193,9 +194,10 @@ class ChatPath:
         deadline = time.monotonic() + self.total_timeout
         counted = 0
         failure: bytes | None = None
+        chunks = response.aiter_raw()
         try:
             try:
-                async for chunk in response.aiter_raw():
+                async for chunk in chunks:
                     out = tap.feed(chunk)
                     if not out:
                         continue
@@ -226,7 +228,8 @@ class ChatPath:
             if failure is not None:
                 yield failure
         finally:
-            await response.aclose()
+            # ended whole: the rest is the body's terminator, read so the connection is kept
+            await finish(response, chunks if tap.done and failure is None else None)
             used = tap.usage.total_tokens if tap.usage is not None else prompt + tap.tokens
             self._after(reservation, used, key if (failure is None and tap.complete) else None, parts)
 

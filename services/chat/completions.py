@@ -19,12 +19,12 @@ from collections.abc import AsyncIterator
 
 import httpx
 import msgspec
-from httpx_sse import EventSource
 from litestar import Request, Response
 from litestar.response import Stream
 
 from common.contracts import ModelRecord, TurnEvent, UsageEvent
 from common.errors import ApiError, ErrorBody, ErrorEnvelope, decode_body, unavailable
+from common.http import finish
 from common.logging import request_id_var
 from common.metrics import FALLBACKS, stage_done
 from common.openai_schema import (
@@ -32,7 +32,7 @@ from common.openai_schema import (
     InferenceRequest, ResponseMessage, StreamOptions, Usage, completion_id, now,
 )
 from common.security import Principal
-from common.sse import DONE, SSE_HEADERS, error_frame, frame
+from common.sse import DONE, SSE_HEADERS, error_frame, frame, iter_data
 from services.chat.context import build_context
 from services.chat.outbox import OutboxFull
 from services.chat.schemas import Conversation, HistoryTurn, StreamPeek
@@ -244,7 +244,7 @@ class _TurnDraft:
         self.usage: Usage | None = None
         self.id = completion_id()
 
-    def read(self, data: str) -> StreamPeek:
+    def read(self, data: bytes) -> StreamPeek:
         chunk = _peek.decode(data)
         for choice in chunk.choices:
             if content := (choice.get("delta") or {}).get("content"):
@@ -284,9 +284,12 @@ class _TurnDraft:
 
 async def _relay(upstream: httpx.Response, turn: _TurnDraft, deps, include_usage: bool,
                  slot: tuple[str, str] | None, opened: float | None) -> AsyncIterator[bytes]:
+    chunks = upstream.aiter_raw()
+    ended = False  # [DONE] came: the rest of the body is its terminator, read so the connection is kept
     try:
-        async for event in EventSource(upstream).aiter_sse():
-            if event.data == "[DONE]":
+        async for data in iter_data(chunks):
+            if data == b"[DONE]":
+                ended = True
                 if not turn.complete_answer:
                     break
                 try:
@@ -297,21 +300,21 @@ async def _relay(upstream: httpx.Response, turn: _TurnDraft, deps, include_usage
                     return
                 yield DONE
                 return
-            chunk = turn.read(event.data)
+            chunk = turn.read(data)
             if chunk.error is not None:
-                yield b"data: " + event.data.encode() + b"\n\n" + DONE
+                yield b"data: " + data + b"\n\n" + DONE
                 return
             if chunk.usage is not None and not chunk.choices and not include_usage:
                 continue  # we asked for usage for ourselves; the caller did not
             if opened is not None:  # once per answer
                 stage_done("chat", "first_event", opened)
                 opened = None
-            yield b"data: " + event.data.encode() + b"\n\n"
+            yield b"data: " + data + b"\n\n"
         yield error_frame(_cut_error())
     except httpx.HTTPError:
         yield error_frame(_cut_error())
     finally:
-        await upstream.aclose()
+        await finish(upstream, chunks if ended else None)
         if slot:
             deps.inflight.pop(slot, None)
 
@@ -327,18 +330,21 @@ def _not_recorded() -> ErrorEnvelope:
 
 
 async def _aggregate(upstream: httpx.Response, turn: _TurnDraft, deps, headers: dict[str, str]) -> Response:
+    chunks = upstream.aiter_raw()
+    ended = False
     try:
-        async for event in EventSource(upstream).aiter_sse():
-            if event.data == "[DONE]":
+        async for data in iter_data(chunks):
+            if data == b"[DONE]":
+                ended = True
                 break
-            chunk = turn.read(event.data)
+            chunk = turn.read(data)
             if chunk.error is not None:
                 raise ApiError(502, chunk.error.get("message", "Generation failed."), type="server_error",
                                code=chunk.error.get("code"))
     except httpx.HTTPError:
         raise ApiError(502, _cut_error().error.message, type="server_error", code="stream_interrupted") from None
     finally:
-        await upstream.aclose()
+        await finish(upstream, chunks if ended else None)
     if not turn.complete_answer:
         raise ApiError(502, _cut_error().error.message, type="server_error", code="stream_interrupted")
     try:

@@ -28,6 +28,7 @@ import httpx
 import msgspec
 
 from common.breaker import AsyncBreaker, BreakerOpen
+from common.http import finish
 from common.metrics import ENGINE_WORKER_OUTSTANDING, ENGINE_WORKER_REQUESTS, ENGINE_WORKER_UP
 from common.engines.base import (
     EngineRejected, EngineUnavailable, Finished, GenerationRequest, TokenDelta,
@@ -334,7 +335,8 @@ class SglangEngine:
             worker.outstanding += 1
             released = False
 
-            async def release(outcome: str, response: httpx.Response | None = None) -> None:
+            async def release(outcome: str, response: httpx.Response | None = None,
+                              rest: AsyncIterator[str] | None = None) -> None:
                 # settled before the last event is handed out: a consumer that stops reading at
                 # Finished (and never closes the generator) must not leave the worker looking busy
                 nonlocal released
@@ -343,7 +345,7 @@ class SglangEngine:
                     worker.outstanding -= 1
                     ENGINE_WORKER_REQUESTS.labels(ENGINE, worker.url, outcome).inc()
                     if response is not None:
-                        await response.aclose()
+                        await finish(response, rest)  # `rest`: read to its end, the connection is kept
 
             try:
                 response, reader, first = await self._open(worker, request, key)
@@ -365,8 +367,8 @@ class SglangEngine:
                 raise
             try:
                 async for event in self._events(first, reader, worker):
-                    if isinstance(event, Finished):
-                        await release("ok", response)
+                    if isinstance(event, Finished):  # came with [DONE]: only the body's end is left
+                        await release("ok", response, reader.lines)
                     yield event
             except WorkerStreamError:
                 worker.check_now.set()
