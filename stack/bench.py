@@ -1,4 +1,4 @@
-"""`dualgate bench overhead|cache`: what the edge costs.
+"""`dualgate bench overhead|layers|cache`: what the edge costs.
 
 overhead: the same streaming requests (synthetic engine: 20 ms TTFT, 5 ms/token, 32 tokens) go (a)
 straight to the inference service and (b) through nginx -> router -> gateway -> chat -> inference
@@ -7,6 +7,9 @@ cache lookup and store, breakers, usage read from the stream), in alternating bl
 noise hits both alike. Reports p50/p95/p99 of total latency, TTFT, and each token's latency: the
 engine stamps every token with the clock as it emits it (a model registered for the bench, `STAMPED`),
 and the load generator reads the clock as the token reaches it.
+
+layers: the same request entering at inference, chat, gateway-ai, router and nginx in turn, one at a
+time: the TTFT each hop adds with no queueing, to find which hop to look at.
 
 cache: one deterministic request answered from the response cache, as fast as a raw keep-alive
 HTTP client can ask it, through router + gateway (or nginx + router + gateway). Reports req/s and
@@ -35,7 +38,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from common.security import InternalTokens, service_principal
+from common.security import InternalTokens, Principal, service_principal
 from stack.config import StackConfig
 from stack.credentials import load_or_create
 
@@ -209,8 +212,9 @@ def register_stamped_model(config: StackConfig) -> None:
         answer.raise_for_status()
 
 
-def bench_keys(config: StackConfig, count: int) -> list[str]:
-    """Keys of a fresh bench user: each key has its own requests/min bucket, the user one cache tenant."""
+def bench_user(config: StackConfig, count: int) -> tuple[str, list[str]]:
+    """A fresh bench user and `count` keys: each key has its own requests/min bucket, the user is one
+    cache tenant."""
     with admin_client(config) as http:
         user = http.post("/v1/users", json={"name": f"bench-{os.getpid()}", "plan": "unlimited"})
         user.raise_for_status()
@@ -219,15 +223,24 @@ def bench_keys(config: StackConfig, count: int) -> list[str]:
             key = http.post("/v1/keys", json={"name": f"bench-{i}", "user_id": user.json()["id"]})
             key.raise_for_status()
             keys.append(key.json()["key"])
-    return keys
+    return user.json()["id"], keys
+
+
+def bench_keys(config: StackConfig, count: int) -> list[str]:
+    return bench_user(config, count)[1]
+
+
+def internal_tokens(config: StackConfig) -> InternalTokens:
+    """Tokens the bench mints itself, to enter the chain behind the gateways."""
+    creds = load_or_create(config)
+    return InternalTokens(issuer_service="bench",
+                          keys={k: bytes.fromhex(v) for k, v in creds.internal_keys.items() if k != "current"},
+                          current=creds.internal_keys["current"], ttl=3600)
 
 
 async def overhead(config: StackConfig, requests: int, levels: list[int], console: Console,
                    arrivals: str = "spread") -> dict:
-    creds = load_or_create(config)
-    tokens = InternalTokens(issuer_service="bench",
-                            keys={k: bytes.fromhex(v) for k, v in creds.internal_keys.items() if k != "current"},
-                            current=creds.internal_keys["current"], ttl=3600)
+    tokens = internal_tokens(config)
     host = "127.0.0.1"
     direct_port, chain_port = config.port("inference"), config.port("nginx")
     direct_headers = {**tokens.headers("inference", service_principal("bench")), "content-type": "application/json"}
@@ -340,6 +353,80 @@ CACHE_BODY = {"model": "synthetic", "temperature": 0, "max_tokens": 16,
               "messages": [{"role": "user", "content": "a cached benchmark answer"}]}
 
 
+# ---- what each hop adds, one request at a time ------------------------------------------------
+
+LAYERS = ("inference", "chat", "gateway-ai", "router", "nginx")  # each one hop further from the engine
+
+
+async def layers(config: StackConfig, requests: int, console: Console) -> dict:
+    """TTFT and total latency entering at each layer, one request at a time, the layers taking turns:
+    each hop's own cost with no queueing, and machine drift spread over every layer alike."""
+    tokens = internal_tokens(config)
+    user, (key,) = bench_user(config, 1)
+    register_stamped_model(config)
+    counter = iter(range(10**9))
+    host = "127.0.0.1"
+
+    def body(**extra: object) -> bytes:
+        return msgspec.json.encode({"model": STAMPED, "stream": True, "temperature": 0, "max_tokens": 4,
+                                    "messages": [{"role": "user", "content": f"layers {next(counter)}"}], **extra})
+
+    keyed = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    as_gateway = {**tokens.headers("chat", Principal(subject=user, scopes=("user",))),
+                  "content-type": "application/json"}
+    as_chat = {**tokens.headers("inference", service_principal("bench")), "content-type": "application/json"}
+    requests_for = {
+        "inference": lambda: raw_request(host, config.port("inference"), "/v1/chat/completions", as_chat,
+                                         body(deployment={"engine": "synthetic", "params": STAMPED_PARAMS})),
+        "chat": lambda: raw_request(host, config.port("chat"), "/v1/chat/completions", as_gateway, body()),
+        **{layer: (lambda port=config.port(layer): raw_request(host, port, "/v1/chat/completions", keyed, body()))
+           for layer in ("gateway-ai", "router", "nginx")},
+    }
+    samples = {layer: Samples() for layer in LAYERS}
+    connections = {layer: RawConnection(host, config.port(layer)) for layer in LAYERS}
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("one request at a time", total=requests * len(LAYERS))
+        for _ in range(requests + 2):  # the first two rounds warm pools and caches, and are dropped
+            for layer in LAYERS:
+                await one_request(connections[layer], requests_for[layer], samples[layer])
+                progress.advance(task)
+    results: dict = {"layers": {}}
+    below = None
+    for layer in LAYERS:
+        kept = Samples(total_ms=samples[layer].total_ms[2:], ttft_ms=samples[layer].ttft_ms[2:],
+                       errors=samples[layer].errors)
+        row = {"requests": len(kept.ttft_ms), "errors": kept.errors,
+               "ttft_p50_ms": round(percentile(kept.ttft_ms, 50), 2),
+               "total_p50_ms": round(percentile(kept.total_ms, 50), 2)}
+        row["ttft_added_ms"] = round(row["ttft_p50_ms"] - below, 2) if below is not None else 0.0
+        below = row["ttft_p50_ms"]
+        results["layers"][layer] = row
+    for connection in connections.values():
+        connection.close()
+    return results
+
+
+def layers_main(args: argparse.Namespace) -> int:
+    console = Console()
+    results = asyncio.run(layers(StackConfig(), args.requests, console))
+    results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
+                          "python": platform.python_version()}
+    results["workload"] = {"model": STAMPED, "engine": "synthetic", **SYNTHETIC, "max_tokens": 4,
+                           "requests_per_layer": args.requests, "concurrency": 1}
+    table = Table(title="TTFT entering at each layer, one request at a time (ms)")
+    for column in ("layer", "TTFT p50", "added by this hop", "total p50", "errors"):
+        table.add_column(column)
+    for layer, row in results["layers"].items():
+        table.add_row(layer, f"{row['ttft_p50_ms']:.2f}", f"{row['ttft_added_ms']:+.2f}",
+                      f"{row['total_p50_ms']:.2f}", str(row["errors"]))
+    console.print(table)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    console.print(f"wrote {out}")
+    return 0
+
+
 async def _cache_worker(host: str, port: int, requests: list[bytes], until: float, latencies: list[float],
                         outcomes: Counter) -> None:
     connection = RawConnection(host, port)
@@ -444,6 +531,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                               help="streams start spread over one answer's time, or all at one instant")
     overhead_cmd.add_argument("--output", default="bench-results/overhead.json")
     overhead_cmd.set_defaults(func=main)
+    layers_cmd = bench_sub.add_parser("layers", help="TTFT each hop adds, entering at each layer in turn")
+    layers_cmd.add_argument("--requests", type=int, default=100, help="requests per layer")
+    layers_cmd.add_argument("--output", default="bench-results/layers.json")
+    layers_cmd.set_defaults(func=layers_main)
     cache_cmd = bench_sub.add_parser("cache", help="cache-hit answers per second through router + gateway")
     cache_cmd.add_argument("--seconds", type=float, default=10.0)
     cache_cmd.add_argument("--concurrency", type=int, default=16, help="keep-alive connections")

@@ -12,9 +12,10 @@ from collections import Counter
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console
 
 from services.inference.testing.fake_sglang_worker import FakeSglangWorker
-from stack.bench import TOKEN_STAMP, StreamedAnswer, stage_totals
+from stack.bench import SYNTHETIC, TOKEN_STAMP, StreamedAnswer, layers, stage_totals
 from stack.config import GATEWAYS, SERVICES
 from stack.servers import free_port
 
@@ -176,6 +177,17 @@ async def test_a_stamped_synthetic_model_tells_the_bench_how_long_each_token_too
         for start in range(0, len(raw), size):
             answer.on_body(raw[start:start + size])
         assert len(answer.token_ms) == 6 and all(ms >= 0 for ms in answer.token_ms)
+
+
+async def test_bench_layers_enters_the_chain_at_each_hop_and_reaches_the_engine_from_every_one(stack):
+    results = await layers(stack.config, 2, Console(quiet=True))
+    rows = results["layers"]
+    assert list(rows) == ["inference", "chat", "gateway-ai", "router", "nginx"]
+    assert all(row["errors"] == 0 and row["requests"] == 2 for row in rows.values()), rows
+    # every entry point's first token came from the engine: never before its 20 ms TTFT
+    assert all(row["ttft_p50_ms"] >= SYNTHETIC["ttft_ms"] for row in rows.values()), rows
+    assert rows["inference"]["ttft_added_ms"] == 0.0
+    assert rows["nginx"]["ttft_added_ms"] == round(rows["nginx"]["ttft_p50_ms"] - rows["router"]["ttft_p50_ms"], 2)
 
 
 async def test_the_chain_tells_where_each_first_token_waited(stack, http, admin_headers, demo_headers):
