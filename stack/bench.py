@@ -21,15 +21,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import os
-import platform
 import re
 import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httptools
 import httpx
@@ -39,6 +36,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from common.security import InternalTokens, Principal, service_principal
+from stack.bench_engines import write
 from stack.config import StackConfig
 from stack.credentials import load_or_create
 
@@ -382,19 +380,22 @@ async def layers(config: StackConfig, requests: int, console: Console) -> dict:
         **{layer: (lambda port=config.port(layer): raw_request(host, port, "/v1/chat/completions", keyed, body()))
            for layer in ("gateway-ai", "router", "nginx")},
     }
-    samples = {layer: Samples() for layer in LAYERS}
     connections = {layer: RawConnection(host, config.port(layer)) for layer in LAYERS}
+    warm = Samples()  # two rounds that fill pools and caches, not counted
+    for _ in range(2):
+        for layer in LAYERS:
+            await one_request(connections[layer], requests_for[layer], warm)
+    samples = {layer: Samples() for layer in LAYERS}
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("one request at a time", total=requests * len(LAYERS))
-        for _ in range(requests + 2):  # the first two rounds warm pools and caches, and are dropped
+        for _ in range(requests):
             for layer in LAYERS:
                 await one_request(connections[layer], requests_for[layer], samples[layer])
                 progress.advance(task)
     results: dict = {"layers": {}}
     below = None
     for layer in LAYERS:
-        kept = Samples(total_ms=samples[layer].total_ms[2:], ttft_ms=samples[layer].ttft_ms[2:],
-                       errors=samples[layer].errors)
+        kept = samples[layer]
         row = {"requests": len(kept.ttft_ms), "errors": kept.errors,
                "ttft_p50_ms": round(percentile(kept.ttft_ms, 50), 2),
                "total_p50_ms": round(percentile(kept.total_ms, 50), 2)}
@@ -409,8 +410,6 @@ async def layers(config: StackConfig, requests: int, console: Console) -> dict:
 def layers_main(args: argparse.Namespace) -> int:
     console = Console()
     results = asyncio.run(layers(StackConfig(), args.requests, console))
-    results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
-                          "python": platform.python_version()}
     results["workload"] = {"model": STAMPED, "engine": "synthetic", **SYNTHETIC, "max_tokens": 4,
                            "requests_per_layer": args.requests, "concurrency": 1}
     table = Table(title="TTFT entering at each layer, one request at a time (ms)")
@@ -420,10 +419,7 @@ def layers_main(args: argparse.Namespace) -> int:
         table.add_row(layer, f"{row['ttft_p50_ms']:.2f}", f"{row['ttft_added_ms']:+.2f}",
                       f"{row['total_p50_ms']:.2f}", str(row["errors"]))
     console.print(table)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    console.print(f"wrote {out}")
+    write(results, args.output, console)
     return 0
 
 
@@ -505,8 +501,6 @@ def cache_main(args: argparse.Namespace) -> int:
     console = Console()
     config = StackConfig()
     results = asyncio.run(cache_bench(config, args.seconds, args.concurrency, args.via, console))
-    results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
-                          "python": platform.python_version()}
     table = Table("via", "concurrency", "requests", "req/s", "p50 ms", "p95 ms", "p99 ms", "outcomes")
     lat = results["latency_ms"]
     table.add_row(results["via"], str(results["concurrency"]), str(results["requests"]),
@@ -514,10 +508,7 @@ def cache_main(args: argparse.Namespace) -> int:
                   str(results["outcomes"]))
     console.print(table)
     console.print("CPU ms per request: " + ", ".join(f"{k} {v}" for k, v in results["cpu_ms_per_request"].items()))
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    console.print(f"wrote {out}")
+    write(results, args.output, console)
     return 0 if set(results["outcomes"]) == {"hit"} else 1
 
 
@@ -553,13 +544,8 @@ def main(args: argparse.Namespace) -> int:
     config = StackConfig()
     levels = [int(x) for x in args.concurrency.split(",")]
     results = asyncio.run(overhead(config, args.requests, levels, console, args.arrivals))
-    results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
-                          "python": platform.python_version()}
     results["workload"] = {"model": STAMPED, "engine": "synthetic", **SYNTHETIC, "stream": True,
                            "requests_per_path": args.requests, "arrivals": args.arrivals}
     print_table(results, console)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    console.print(f"wrote {out}")
+    write(results, args.output, console)
     return 0
