@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import functools
 import logging
 import math
 import time
@@ -92,6 +93,12 @@ class Admission(msgspec.Struct, frozen=True):
 def _today(now: float) -> tuple[str, float]:
     """The UTC day for `now` (YYYYMMDD) and the seconds left until it ends."""
     return time.strftime("%Y%m%d", time.gmtime(now)), DAY - now % DAY
+
+
+@functools.lru_cache(maxsize=4)
+def _day_end(day: str) -> int:
+    """Epoch seconds at which the UTC day `day` (YYYYMMDD) ends: parsed once per day, not per request."""
+    return calendar.timegm(time.strptime(day, "%Y%m%d")) + DAY
 
 
 def _local_share(limit: int, replicas: int) -> int:
@@ -561,7 +568,7 @@ class TokenBudget:
         return [base, base + ":holds"]
 
     def _expire_at(self, day: str) -> int:
-        day_end = calendar.timegm(time.strptime(day, "%Y%m%d")) + DAY
+        day_end = _day_end(day)
         return day_end + int(self._ttl) + KEY_GRACE
 
     async def reserve(self, user_id: str, max_cost: int, limit: int) -> BudgetDecision:

@@ -36,9 +36,9 @@ from rich.progress import Progress
 from rich.table import Table
 
 from common.security import InternalTokens, Principal, service_principal
-from stack.bench_engines import write
 from stack.config import StackConfig
 from stack.credentials import load_or_create
+from stack.report import percentiles, write
 
 SYNTHETIC = {"ttft_ms": 20, "itl_ms": 5, "tokens": 32}
 STAMPED = "bench-synthetic-stamped"  # the synthetic engine, each token its emission time (CLOCK_MONOTONIC ns)
@@ -56,13 +56,6 @@ class Samples:
     ttft_ms: list[float] = field(default_factory=list)
     token_ms: list[float] = field(default_factory=list)  # each token, from its emission to its arrival
     errors: int = 0
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
 def raw_request(host: str, port: int, path: str, headers: dict[str, str], body: bytes) -> bytes:
@@ -186,9 +179,9 @@ async def run_block(host: str, port: int, request, count: int, concurrency: int,
 def summarize(samples: Samples) -> dict:
     return {
         "requests": len(samples.total_ms), "errors": samples.errors,
-        "total_ms": {f"p{q}": round(percentile(samples.total_ms, q), 2) for q in (50, 95, 99)},
-        "ttft_ms": {f"p{q}": round(percentile(samples.ttft_ms, q), 2) for q in (50, 95, 99)},
-        "token_ms": {f"p{q}": round(percentile(samples.token_ms, q), 2) for q in (50, 95, 99)},
+        "total_ms": percentiles(samples.total_ms),
+        "ttft_ms": percentiles(samples.ttft_ms),
+        "token_ms": percentiles(samples.token_ms),
         "tokens": len(samples.token_ms),
         "mean_total_ms": round(statistics.fmean(samples.total_ms), 2) if samples.total_ms else None,
     }
@@ -292,7 +285,8 @@ async def overhead(config: StackConfig, requests: int, levels: list[int], consol
                     total[0] += seconds - was[0]
                     total[1] += count - was[1]
             d, c = summarize(direct), summarize(chain)
-            added = {kind: {q: round(c[kind][q] - d[kind][q], 2) for q in d[kind]}
+            added = {kind: {q: round(c[kind][q] - d[kind][q], 2) if None not in (c[kind][q], d[kind][q]) else None
+                            for q in d[kind]}
                      for kind in ("total_ms", "ttft_ms", "token_ms")}
             count = max(1, len(chain.total_ms))
             results["levels"][str(level)] = {
@@ -327,13 +321,17 @@ async def stage_totals(config: StackConfig) -> dict[str, tuple[float, float]]:
     return {name: (seconds, count) for name, (seconds, count) in totals.items()}
 
 
+def _ms(value: float | None, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def print_table(results: dict, console: Console) -> None:
     table = Table("concurrency", "path", "total p50", "p95", "p99", "TTFT p50", "p95", "p99",
                   "token p50", "p95", "p99", "errors")
     for level, r in results["levels"].items():
         for path in ("direct", "chain", "added"):
             row = r[path]
-            table.add_row(level, path, *(f"{row[kind][q]:.2f}" for kind in ("total_ms", "ttft_ms", "token_ms")
+            table.add_row(level, path, *(_ms(row[kind][q]) for kind in ("total_ms", "ttft_ms", "token_ms")
                                          for q in ("p50", "p95", "p99")), str(row.get("errors", "")))
     console.print(table)
     console.print("times in ms; token = each token from its emission by the engine to its arrival here; "
@@ -397,10 +395,14 @@ async def layers(config: StackConfig, requests: int, console: Console) -> dict:
     for layer in LAYERS:
         kept = samples[layer]
         row = {"requests": len(kept.ttft_ms), "errors": kept.errors,
-               "ttft_p50_ms": round(percentile(kept.ttft_ms, 50), 2),
-               "total_p50_ms": round(percentile(kept.total_ms, 50), 2)}
-        row["ttft_added_ms"] = round(row["ttft_p50_ms"] - below, 2) if below is not None else 0.0
-        below = row["ttft_p50_ms"]
+               "ttft_p50_ms": percentiles(kept.ttft_ms, (50,))["p50"],
+               "total_p50_ms": percentiles(kept.total_ms, (50,))["p50"]}
+        ttft = row["ttft_p50_ms"]
+        if layer == LAYERS[0]:
+            row["ttft_added_ms"] = 0.0
+        else:  # unknown (None) when either layer had no answer at all
+            row["ttft_added_ms"] = round(ttft - below, 2) if None not in (below, ttft) else None
+        below = ttft
         results["layers"][layer] = row
     for connection in connections.values():
         connection.close()
@@ -416,8 +418,8 @@ def layers_main(args: argparse.Namespace) -> int:
     for column in ("layer", "TTFT p50", "added by this hop", "total p50", "errors"):
         table.add_column(column)
     for layer, row in results["layers"].items():
-        table.add_row(layer, f"{row['ttft_p50_ms']:.2f}", f"{row['ttft_added_ms']:+.2f}",
-                      f"{row['total_p50_ms']:.2f}", str(row["errors"]))
+        table.add_row(layer, _ms(row["ttft_p50_ms"]), _ms(row["ttft_added_ms"], "+.2f"), _ms(row["total_p50_ms"]),
+                      str(row["errors"]))
     console.print(table)
     write(results, args.output, console)
     return 0
@@ -474,7 +476,7 @@ async def cache_bench(config: StackConfig, seconds: float, concurrency: int, via
     count = max(1, len(latencies))
     return {"via": via, "seconds": round(elapsed, 2), "concurrency": concurrency, "requests": len(latencies),
             "requests_per_second": round(len(latencies) / elapsed, 1), "outcomes": dict(outcomes),
-            "latency_ms": {f"p{q}": round(percentile(latencies, q), 2) for q in (50, 95, 99)},
+            "latency_ms": percentiles(latencies),
             "cpu_ms_per_request": {name: round((cpu_after[name] - cpu_before[name]) * 1000 / count, 3)
                                    for name in cpu_after if name in cpu_before
                                    and cpu_after[name] - cpu_before[name] > 0.001}}

@@ -15,50 +15,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import math
 import os
-import platform
 import statistics
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from stack.report import percentile, percentiles, write
+
 TOPICS = ("the sea", "a lighthouse keeper", "a city at night", "a long train journey", "an old library",
           "a mountain village", "a robot gardener", "a winter market")
-
-
-def machine() -> dict:
-    cpu_model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpus": os.cpu_count(), "cpu_model": cpu_model, "platform": platform.platform(),
-            "python": platform.python_version()}
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
-
-
-def write(results: dict, output: str, console: Console) -> None:
-    results["machine"] = machine()
-    results["command"] = " ".join(["dualgate", *sys.argv[1:]])
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    console.print(f"wrote {out}")
 
 
 # ---- cpu ----------------------------------------------------------------------------------------
@@ -91,8 +59,8 @@ async def _cpu_level(engine, concurrency: int, max_tokens: int, rounds: int) -> 
         elapsed += time.perf_counter() - started
         tokens += sum(counts)
     return {"concurrency": concurrency, "rounds": rounds, "completion_tokens": tokens, "elapsed_s": round(elapsed, 3),
-            "tokens_per_s": round(tokens / elapsed, 2), "ttft_p50_s": round(percentile(ttfts, 0.50), 4),
-            "ttft_p95_s": round(percentile(ttfts, 0.95), 4), "ttft_samples": len(ttfts)}
+            "tokens_per_s": round(tokens / elapsed, 2), "ttft_p50_s": round(percentile(ttfts, 50), 4),
+            "ttft_p95_s": round(percentile(ttfts, 95), 4), "ttft_samples": len(ttfts)}
 
 
 async def cpu_bench(levels: list[int], max_tokens: int, rounds: int, threads: int, max_batch: int) -> dict:
@@ -193,8 +161,7 @@ async def routing_bench(workers: int, conversations: int, turns: int, concurrenc
         "workers": workers, "conversations": conversations, "turns_per_conversation": turns,
         "concurrent_users": concurrency, "worker_timing": {"ttft_ms": ttft_ms, "itl_ms": itl_ms, "tokens": tokens},
         "requests": total, "elapsed_s": round(elapsed, 2), "requests_per_s": round(total / elapsed, 1),
-        "latency_ms": {"p50": round(percentile(latencies, 0.5) * 1000, 2),
-                       "p95": round(percentile(latencies, 0.95) * 1000, 2)},
+        "latency_ms": percentiles(latencies, (50, 95), scale=1000),
         "affinity": {"turns_on_home_worker": round(on_home / total, 4),
                      "conversations_on_one_worker": round(sticky / len(served), 4)},
         "load": {"requests_per_worker": per_worker, "max_deviation_from_mean": round(deviation, 4),

@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import platform
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 from rich.console import Console
 from rich.table import Table
 
 from common.http import FastTransport
+from stack.report import write
 from stack.servers import free_port, wait_listening
 
 ANSWER = (b'{"id":"chatcmpl-bench","object":"chat.completion","choices":[{"index":0,"message":{"role":'
@@ -110,13 +107,8 @@ def transport_main(args: argparse.Namespace) -> int:
     console.print(table)
     default, fast = (min(f["cpu_ms"]) for f in results.values())
     console.print(f"CPU per request, best round each: httpcore / aiohttp = {default / fast:.1f}x")
-    report = {"requests": args.requests, "concurrency": args.concurrency, "rounds": args.rounds, "results": results,
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                          "python": platform.python_version()}}
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    console.print(f"wrote {out}")
+    write({"requests": args.requests, "concurrency": args.concurrency, "rounds": args.rounds, "results": results},
+          args.output, console)
     return 0
 
 

@@ -38,6 +38,7 @@ import httpx
 
 from stack.config import DATABASES, REPLICA_OF, StackConfig
 from stack.credentials import Credentials, load_or_create
+from stack.report import percentiles
 from stack.supervisor import Supervisor
 
 DEGRADED = "x-dualgate-degraded"
@@ -399,17 +400,6 @@ def admin_dsn(stack, database: str) -> str:
 
 
 # ---- report ---------------------------------------------------------------------------------------
-
-def percentiles(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"p50": None, "p95": None, "p99": None}
-    ordered = sorted(values)
-
-    def at(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))], 2)
-
-    return {"p50": at(50), "p95": at(95), "p99": at(99)}
-
 
 def summarize(samples: list[Sample], scenario: Scenario, timing: Timing, revoked_at: float | None,
               turns_lost: int | None, turns_checked: int) -> dict:
