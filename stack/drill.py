@@ -57,7 +57,7 @@ class Scenario:
     pause: tuple[str, ...] = ()  # SIGSTOP at t1, SIGCONT at t2
     slow: str | None = None  # paused most of the time between t1 and t2 (injected latency)
     revoke: bool = False
-    bootstrap_vault: bool = False  # a restarted dev-mode vault must be configured again
+    restarts_vault: bool = False  # the stack's listener configures the restarted dev-mode vault: wait for it
 
 
 def _ai_gateways() -> tuple[str, ...]:
@@ -79,7 +79,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("redis", "Redis stopped: in-process limits and caches", stop=("redis",)),
     Scenario("postgres", "PostgreSQL stopped: chat keeps answering, turns land on recovery", stop=("postgres",)),
     Scenario("kafka", "the broker paused (SIGSTOP): turns wait and are published on recovery", pause=("kafka",)),
-    Scenario("vault", "Vault stopped: last fetched secrets stay in use", stop=("vault",), bootstrap_vault=True),
+    Scenario("vault", "Vault stopped: last fetched secrets stay in use", stop=("vault",), restarts_vault=True),
     Scenario("slow-inference", "inference paused 80% of the time: latency injected, nothing fails",
              slow="inference"),
     Scenario("revoke-key-under-load", "a key revoked while it is in use: refused within 1 s everywhere",
@@ -335,9 +335,8 @@ class Faults:
             await asyncio.gather(self._slow_task, return_exceptions=True)
         await self._each("signal", s.pause, "CONT")
         await self._each("start", s.stop)
-        if s.bootstrap_vault:
-            await asyncio.to_thread(self.stack.wait_ready, ("vault",), 30.0)
-            await asyncio.to_thread(rebootstrap_vault, self.stack, self.creds)
+        if s.restarts_vault:
+            await asyncio.to_thread(self.stack.wait_vault_configured, 60.0)
 
     def restore_sync(self) -> None:
         """Whatever happened, leave every component running and ready."""
@@ -349,10 +348,10 @@ class Faults:
                 pass
         for name in self.scenario.stop:
             sup.start(name)
-        if self.scenario.bootstrap_vault:
+        if self.scenario.restarts_vault:
             # the restarted dev-mode Vault forgot every lease: database-backed services start again
             # and take fresh dynamic credentials (not measured: the load has ended)
-            self.stack.wait_ready(("vault",), 60.0)
+            self.stack.wait_vault_configured(60.0)
             for name in DATABASES:
                 sup.stop(name)
                 sup.start(name)
@@ -381,16 +380,6 @@ class Faults:
                 clean = clean + 1 if ok else 0
                 if not ok:
                     time.sleep(0.2)
-
-
-def rebootstrap_vault(stack, creds: Credentials) -> None:
-    """A restarted dev-mode Vault holds nothing: configure it again, as `dualgate up` did."""
-    import inspect
-
-    from stack import vault_bootstrap
-
-    first = next(iter(inspect.signature(vault_bootstrap.bootstrap).parameters))
-    vault_bootstrap.bootstrap(stack.config if first == "config" else stack.config.url("vault"), creds)
 
 
 def admin_dsn(stack, database: str) -> str:

@@ -21,7 +21,7 @@ from stack.config import DATABASES, EDGE, GATEWAYS, INFRA, SERVICES, StackConfig
 from stack.credentials import Credentials, load_or_create, save
 from common.db import with_credentials
 from stack.servers import DYNAMIC_ROLE_PREFIX, VAULT_DB_ROLE, owner_role, prepare_postgres, programs
-from stack.supervisor import Supervisor, render_config
+from stack.supervisor import VAULT_LISTENER, Supervisor, render_config
 from stack import vault_bootstrap
 
 
@@ -70,6 +70,7 @@ class LocalStack:
         progress("bootstrapping databases and vault")
         self._prepare_databases(creds)  # before Vault: its database engine connects to them
         vault_bootstrap.bootstrap(config, creds)
+        self.supervisor.start(VAULT_LISTENER)  # from now on a restarted Vault is configured again
 
         progress("starting services, gateways, router, nginx")
         for name in SERVICES + GATEWAYS + EDGE:
@@ -206,6 +207,16 @@ class LocalStack:
                     raise StackError(f"not ready after {timeout or self.config.ready_timeout:.0f}s: {detail} "
                                      f"(logs in {self.config.log_dir}){tails}")
                 time.sleep(0.2)
+
+    def wait_vault_configured(self, timeout: float) -> None:
+        """After a restart of the stack's Vault: until its listener has configured it again."""
+        creds = load_or_create(self.config)
+        deadline = time.monotonic() + timeout
+        while not vault_bootstrap.configured(self.config, creds):
+            if time.monotonic() > deadline:
+                raise StackError(f"vault not configured again after {timeout:.0f}s "
+                                 f"(see {self.config.log_dir / (VAULT_LISTENER + '.log')}){self._log_tail('vault')}")
+            time.sleep(0.2)
 
     def _log_tail(self, name: str, lines: int = 20) -> str:
         """The end of a component's log, so a failed start explains itself where it is reported."""

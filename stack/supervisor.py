@@ -21,6 +21,11 @@ from stack.config import StackConfig
 from stack.servers import Program
 
 
+# an event listener, not a program: re-applies the Vault bootstrap whenever supervisord restarts the
+# in-memory dev-mode Vault (stack/vault_watch.py); `dualgate up` starts it after its own bootstrap
+VAULT_LISTENER = "vault-bootstrap"
+
+
 def _quote_env(value: str) -> str:
     # supervisor interpolates %(...)s in config values and splits environment= on commas
     return '"' + value.replace("%", "%%").replace('"', '\\"') + '"'
@@ -50,6 +55,16 @@ def render_config(config: StackConfig, programs: list[Program]) -> Path:
         if prog.env:
             lines.append("environment=" + ",".join(f"{k}={_quote_env(v)}" for k, v in prog.env.items()))
         lines.append("")
+    listener_env = {"DUALGATE_HOME": str(config.home), "DUALGATE_PORT_OFFSET": str(config.port_offset)}
+    lines += [
+        f"[eventlistener:{VAULT_LISTENER}]",
+        "command=" + " ".join(shlex.quote(part) for part in (sys.executable, "-m", "stack.vault_watch")),
+        f"directory={REPO_ROOT}", "events=PROCESS_STATE_RUNNING",
+        "autostart=false", "autorestart=true", "startsecs=0",
+        # stdout is the listener protocol's channel: only stderr is a log
+        f"stderr_logfile={config.log_dir / (VAULT_LISTENER + '.log')}", "stderr_logfile_maxbytes=5MB",
+        "environment=" + ",".join(f"{k}={_quote_env(v)}" for k, v in listener_env.items()), "",
+    ]
     config.supervisor_conf.write_text("\n".join(lines))
     config.supervisor_conf.chmod(0o600)  # it carries AppRole secrets
     return config.supervisor_conf

@@ -75,6 +75,16 @@ def write_database_role(client: hvac.Client, service: str, default_ttl: str = DB
         default_ttl=default_ttl, max_ttl=max_ttl)
 
 
+def configured(config: StackConfig, creds: Credentials) -> bool:
+    """Whether every service can log in to this Vault (the last thing bootstrap sets up)."""
+    try:
+        for approle in creds.approles.values():
+            hvac.Client(url=config.url("vault"), timeout=2).auth.approle.login(approle.role_id, approle.secret_id)
+    except (hvac.exceptions.VaultError, OSError):  # requests' errors are OSErrors
+        return False
+    return True
+
+
 def bootstrap(config: StackConfig, creds: Credentials) -> None:
     client = hvac.Client(url=config.url("vault"), token=creds.root_token, timeout=5)
     mounts = client.sys.list_mounted_secrets_engines()["data"]

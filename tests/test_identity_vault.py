@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 
+import httpx
 import hvac
 import hvac.exceptions
 import psycopg
@@ -12,7 +13,7 @@ import pytest
 
 from common.db import with_credentials
 from common.vault import DATABASE_MOUNT, INTERNAL_KEYS_PATH, JWT_TRANSIT_KEY, PEPPER_PATH, database_role
-from identity_support import current_creds, vault_root
+from identity_support import bearer, current_creds, vault_root
 from stack.config import DATABASES
 from stack.local import LocalStack
 
@@ -101,3 +102,20 @@ def test_database_credentials_open_only_their_own_database(stack):
 def test_postgres_refuses_logins_without_the_password(stack):
     with pytest.raises(psycopg.OperationalError, match="password"):
         psycopg.connect(stack.config.database_url("postgres"), connect_timeout=5)
+
+
+def test_a_vault_restarted_under_the_stack_is_configured_again_and_services_still_start(stack):
+    """Dev-mode Vault forgets everything when it restarts. Without the stack's listener no service
+    could log in afterwards, so one restarted then would never start again."""
+    stack.supervisor.stop("vault")
+    stack.supervisor.start("vault")
+    stack.wait_vault_configured(60.0)
+
+    secret = vault_root(stack).secrets.kv.v2.read_secret_version(INTERNAL_KEYS_PATH, raise_on_deleted_version=True)
+    assert secret["data"]["data"] == current_creds(stack).internal_keys  # the recorded versions, rotations too
+
+    stack.supervisor.stop("models")
+    stack.supervisor.start("models")
+    stack.wait_ready(("models",), 60.0)
+    models = httpx.get(f"{stack.config.base_url}/v1/models", headers=bearer(current_creds(stack).demo_key), timeout=10)
+    assert models.status_code == 200, models.text
