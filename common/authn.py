@@ -271,7 +271,8 @@ class JwtVerifier:
 
     `fetch` returns the JWKS document (bytes) or raises. Keys refresh every `refresh_seconds`
     and on a kid newer than any known one (single-flight, at most once per `MIN_REFETCH`);
-    a kid older than the newest known one that is not in the set is a retired version.
+    a kid older than the newest known one that is not in the set is a retired version. A signature
+    that fails under a known kid refetches too (same spacing): the key may have been replaced.
     """
 
     MIN_REFETCH = 1.0
@@ -319,6 +320,10 @@ class JwtVerifier:
             key = self.keys.get(kid)
         return key
 
+    def _decode(self, token: str, key: Ed25519PublicKey) -> dict:
+        return jwt.decode(token, key, algorithms=[JWT_ALGORITHM], audience=self.audience, issuer=self.issuer,
+                          leeway=JWT_LEEWAY, options={"require": ["exp", "iat", "nbf", "iss", "aud", "sub"]})
+
     async def verify(self, token: str) -> Identity:
         """The caller a valid token names; 401 (one message for every reason) otherwise."""
         try:
@@ -327,13 +332,21 @@ class JwtVerifier:
             raise _refused("jwt_malformed") from None
         if header.get("alg") != JWT_ALGORITHM:
             raise _refused("jwt_algorithm")
-        key = await self._key_for(header.get("kid"))
+        kid = header.get("kid")
+        key = await self._key_for(kid)
         if key is None:
             raise _refused("jwt_unknown_kid")
         try:
-            claims = jwt.decode(
-                token, key, algorithms=[JWT_ALGORITHM], audience=self.audience, issuer=self.issuer,
-                leeway=JWT_LEEWAY, options={"require": ["exp", "iat", "nbf", "iss", "aud", "sub"]})
+            try:
+                claims = self._decode(token, key)
+            except jwt.InvalidSignatureError:
+                # the same kid under another key: a Vault that lost its keys (a dev-mode restart) made a
+                # new version 1. Refetched at most once a second, so forged tokens cannot make it fetch more
+                await self.refresh()
+                fresh = self.keys.get(kid)
+                if fresh is None or fresh is key:
+                    raise
+                claims = self._decode(token, fresh)
             plan = msgspec.convert(claims.get("pln") or {}, PlanLimits)
             scopes = tuple(str(s) for s in claims.get("scp") or ())
         except (jwt.PyJWTError, msgspec.ValidationError, TypeError):

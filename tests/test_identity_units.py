@@ -222,3 +222,16 @@ async def test_a_revocation_polled_while_unsubscribed_survives_a_resubscribe_to_
         polling.cancel()
     await feed._load()  # what the feed does on resubscribing
     assert judge(ALICE, NOW, feed.changes, NOW) is Verdict.REJECT
+
+
+async def test_a_kid_whose_key_was_replaced_verifies_with_the_new_key_after_one_fetch(signing):
+    """A dev-mode Vault that restarts makes a new transit key that is again version 1: tokens it signs
+    must verify at once, not after the next periodic refresh; the old key's tokens stop verifying."""
+    key, jwks, verifier = signing
+    old_token = _signed(key, "1")
+    await verifier.verify(old_token)
+    fetches = jwks.fetches
+    jwks.keys["1"] = Ed25519PrivateKey.generate()
+    assert (await verifier.verify(_signed(jwks.keys["1"], "1"))).principal.subject == "usr_alice"
+    assert jwks.fetches == fetches + 1
+    assert await _rejected(verifier, old_token)
