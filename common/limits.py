@@ -390,17 +390,20 @@ local function keep_until(at)
   redis.call('EXPIREAT', TOK, at)
   redis.call('EXPIREAT', HOLDS, at)
 end
+-- hold `cost` of `limit` for a new reservation `id`, or refuse: {1|0, remaining}
+local function reserve(id, cost, limit, ttl, expire_at)
+  if used + held + cost > limit then
+    return {0, limit - used - held}
+  end
+  hold(id, cost, 0, ttl)
+  keep_until(expire_at)
+  return {1, limit - used - held - cost}
+end
 """
 
 # ARGV id, cost, limit, ttl_ms, expire_at. Returns {allowed, remaining}.
 _RESERVE = _TOK_KEYS + _PRUNE + """
-local cost, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
-if used + held + cost > limit then
-  return {0, limit - used - held}
-end
-hold(ARGV[1], cost, 0, tonumber(ARGV[4]))
-keep_until(ARGV[5])
-return {1, limit - used - held - cost}
+return reserve(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5])
 """
 
 # ARGV id, tokens_so_far, grow_by, limit, ttl_ms, expire_at. Returns {allowed, tokens held}.
@@ -446,14 +449,8 @@ if #KEYS == 4 and redis.call('PTTL', KEYS[4]) > tonumber(ARGV[8]) then
   rate[5], rate[6], rate[7] = -1, 0, redis.call('GET', KEYS[4])
   return rate
 end
-local cost, limit = tonumber(ARGV[4]), tonumber(ARGV[5])
-if used + held + cost > limit then
-  rate[5], rate[6] = 0, limit - used - held
-  return rate
-end
-hold(ARGV[3], cost, 0, tonumber(ARGV[6]))
-keep_until(ARGV[7])
-rate[5], rate[6] = 1, limit - used - held - cost
+local tokens = reserve(ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7])
+rate[5], rate[6] = tokens[1], tokens[2]
 return rate
 """
 

@@ -14,12 +14,13 @@ from pathlib import Path
 from rich.console import Console
 
 
+def _nearest_rank(ordered: Sequence[float], q: float) -> float:
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The nearest-rank `q`th percentile (q in percent): a value that was measured, never interpolated."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+    return _nearest_rank(sorted(values), q) if values else math.nan
 
 
 def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 95, 99), digits: int = 2,
@@ -27,8 +28,8 @@ def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 95, 99), dig
     """{"p50": ..., "p95": ..., "p99": ...}, each times `scale`; None for no values (JSON null, not NaN)."""
     if not values:
         return {f"p{q:g}": None for q in qs}
-    ordered = sorted(values)
-    return {f"p{q:g}": round(percentile(ordered, q) * scale, digits) for q in qs}
+    ordered = sorted(values)  # once, for every q
+    return {f"p{q:g}": round(_nearest_rank(ordered, q) * scale, digits) for q in qs}
 
 
 def machine() -> dict:

@@ -31,6 +31,14 @@ def _quote_env(value: str) -> str:
     return '"' + value.replace("%", "%%").replace('"', '\\"') + '"'
 
 
+def _command(parts: list[str]) -> str:
+    return "command=" + " ".join(shlex.quote(part).replace("%", "%%") for part in parts)
+
+
+def _environment(env: dict[str, str]) -> str:
+    return "environment=" + ",".join(f"{k}={_quote_env(v)}" for k, v in env.items())
+
+
 def render_config(config: StackConfig, programs: list[Program]) -> Path:
     lines = [
         "[unix_http_server]", f"file={config.supervisor_socket}", "chmod=0700", "",
@@ -42,7 +50,7 @@ def render_config(config: StackConfig, programs: list[Program]) -> Path:
     for prog in programs:
         lines += [
             f"[program:{prog.name}]",
-            "command=" + " ".join(shlex.quote(part).replace("%", "%%") for part in prog.command),
+            _command(prog.command),
             f"directory={REPO_ROOT}",
             "autostart=false", "autorestart=true", "startsecs=0", "startretries=20",
             f"stopsignal={prog.stopsignal}", f"stopwaitsecs={prog.stopwaitsecs}",
@@ -53,17 +61,17 @@ def render_config(config: StackConfig, programs: list[Program]) -> Path:
         if prog.user:
             lines.append(f"user={prog.user}")
         if prog.env:
-            lines.append("environment=" + ",".join(f"{k}={_quote_env(v)}" for k, v in prog.env.items()))
+            lines.append(_environment(prog.env))
         lines.append("")
     listener_env = {"DUALGATE_HOME": str(config.home), "DUALGATE_PORT_OFFSET": str(config.port_offset)}
     lines += [
         f"[eventlistener:{VAULT_LISTENER}]",
-        "command=" + " ".join(shlex.quote(part) for part in (sys.executable, "-m", "stack.vault_watch")),
+        _command([sys.executable, "-m", "stack.vault_watch"]),
         f"directory={REPO_ROOT}", "events=PROCESS_STATE_RUNNING",
         "autostart=false", "autorestart=true", "startsecs=0",
         # stdout is the listener protocol's channel: only stderr is a log
         f"stderr_logfile={config.log_dir / (VAULT_LISTENER + '.log')}", "stderr_logfile_maxbytes=5MB",
-        "environment=" + ",".join(f"{k}={_quote_env(v)}" for k, v in listener_env.items()), "",
+        _environment(listener_env), "",
     ]
     config.supervisor_conf.write_text("\n".join(lines))
     config.supervisor_conf.chmod(0o600)  # it carries AppRole secrets
