@@ -6,8 +6,10 @@ whenever Vault starts; services always see the same pepper, keys and AppRoles.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import tempfile
 
 import msgspec
 
@@ -40,9 +42,16 @@ def _versioned_secret() -> dict[str, str]:
 
 
 def load_or_create(config: StackConfig) -> Credentials:
+    """The stack's credentials, filling in whatever is missing. The file is written only when
+    something was filled in: readers run beside rotations (the Vault listener, drills, benches),
+    and a reader writing back what it read could undo a rotation saved in between."""
     path = config.credentials_file
-    if path.exists():
-        creds = msgspec.json.decode(path.read_bytes(), type=Credentials)
+    try:
+        stored = path.read_bytes()
+    except FileNotFoundError:
+        stored = None
+    if stored is not None:
+        creds = msgspec.json.decode(stored, type=Credentials)
     else:
         creds = Credentials(
             root_token=secrets.token_urlsafe(24),
@@ -59,15 +68,23 @@ def load_or_create(config: StackConfig) -> Credentials:
         if parse_api_key(config.admin_key) is None:
             raise SystemExit("DUALGATE_ADMIN_KEY must look like dg-<16 hex>-<secret>")
         creds.admin_key = config.admin_key
-    save(config, creds)
+    if stored is None or msgspec.json.decode(stored, type=Credentials) != creds:
+        save(config, creds)
     return creds
 
 
 def save(config: StackConfig, creds: Credentials) -> None:
     path = config.credentials_file
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(msgspec.json.format(msgspec.json.encode(creds)))
-    os.replace(tmp, path)
+    # a temporary file of its own (mkstemp: 0600), so writers in two processes never rename each other's
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(msgspec.json.format(msgspec.json.encode(creds)))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
