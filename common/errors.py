@@ -7,7 +7,7 @@ import re
 
 import msgspec
 from litestar import Request, Response
-from litestar.exceptions import HTTPException, NotFoundException, MethodNotAllowedException
+from litestar.exceptions import HTTPException, MethodNotAllowedException, NotFoundException, ValidationException
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,15 @@ def _api_error_handler(_: Request, exc: ApiError) -> Response:
     return error_response(exc.status, exc.body, exc.headers)
 
 
+def _validation_handler(_: Request, exc: ValidationException) -> Response:
+    """A bad query or path parameter: 400 naming it, like a bad body field (decode_body)."""
+    problems = exc.extra if isinstance(exc.extra, list) else []
+    first = next((p for p in problems if isinstance(p, dict) and p.get("key")), {})
+    message = f"{first['key']}: {first.get('message', 'invalid value')}" if first else str(exc.detail)
+    return error_response(400, ErrorEnvelope(ErrorBody(message=message, type="invalid_request_error",
+                                                       param=first.get("key"), code="invalid_value")))
+
+
 def _http_exception_handler(_: Request, exc: HTTPException) -> Response:
     status = exc.status_code
     kind = "invalid_request_error" if status < 500 else "server_error"
@@ -104,6 +113,7 @@ def _unhandled_handler(request: Request, exc: Exception) -> Response:
 
 EXCEPTION_HANDLERS = {
     ApiError: _api_error_handler,
+    ValidationException: _validation_handler,
     NotFoundException: _http_exception_handler,
     MethodNotAllowedException: _http_exception_handler,
     HTTPException: _http_exception_handler,

@@ -7,13 +7,23 @@ An "echo" synthetic model answers with one word per message of the context it re
 
 from __future__ import annotations
 
+import time
 import uuid
 
+import asyncpg
 import httpx
 import psycopg
 import pytest
 
 from ai_support import eventually, new_user, register_model
+from common.contracts import TurnEvent, UsageEvent
+from common.events import EventPublisher
+from common.openai_schema import Usage
+from services.chat.history import DB_ERRORS, Conversations
+from services.chat.outbox import TurnOutbox
+from services.chat.schemas import HistoryTurn
+from services.chat.store import ConversationStore, TurnStore
+from stack.servers import free_port
 
 CPU_MODEL = "smollm2-135m-instruct"
 SUFFIX = uuid.uuid4().hex[:6]
@@ -130,6 +140,124 @@ async def test_another_users_conversation_is_a_404_everywhere(http, demo_headers
     assert cid not in {c["id"] for c in listed}
     # and it is still there for its owner
     assert (await http.get(f"/v1/conversations/{cid}", headers=demo_headers)).json()["title"] == "mine"
+
+
+async def read_all_pages(http: httpx.AsyncClient, headers: dict, cid: str, **params) -> list[list[dict]]:
+    pages, after = [], None
+    while True:
+        query = {**params, **({"after": after} if after else {})}
+        resp = await http.get(f"/v1/conversations/{cid}/messages", params=query, headers=headers)
+        assert resp.status_code == 200, resp.text
+        page = resp.json()
+        assert (page["first_id"], page["last_id"]) == ((page["data"][0]["id"], page["data"][-1]["id"])
+                                                       if page["data"] else (None, None))
+        pages.append(page["data"])
+        if not page["has_more"]:
+            return pages
+        after = page["last_id"]
+
+
+async def test_messages_are_read_in_pages_forwards_and_backwards(http, demo_headers, models):
+    cid = await new_conversation(http, demo_headers)
+    words = ("Alpha", "Bravo", "Charlie", "Delta", "Echo")
+    expected = []
+    for word in words:
+        resp = await http.post("/v1/chat/completions", headers=demo_headers, json={
+            "model": models["echo"], "conversation_id": cid, "messages": [{"role": "user", "content": word}]})
+        assert resp.status_code == 200, resp.text
+        expected += [("user", word), ("assistant", resp.json()["choices"][0]["message"]["content"])]
+
+    whole = (await http.get(f"/v1/conversations/{cid}/messages", params={"limit": 100},
+                            headers=demo_headers)).json()
+    assert whole["has_more"] is False
+    assert [(m["role"], m["content"]) for m in whole["data"]] == expected
+
+    forwards = await read_all_pages(http, demo_headers, cid, limit=3)  # pages end inside a turn too
+    assert [len(page) for page in forwards] == [3, 3, 3, 1]
+    assert [m for page in forwards for m in page] == whole["data"]
+    backwards = await read_all_pages(http, demo_headers, cid, limit=4, order="desc")
+    assert [len(page) for page in backwards] == [4, 4, 2]
+    assert [m for page in backwards for m in page] == whole["data"][::-1]
+
+
+@pytest.mark.parametrize(("params", "param", "code"), [
+    ({"after": "not-a-message-id"}, "after", "invalid_cursor"),
+    ({"after": "turn_nobody_has.0"}, "after", "invalid_cursor"),
+    ({"limit": 0}, "limit", "invalid_value"),
+    ({"limit": 101}, "limit", "invalid_value"),
+    ({"order": "sideways"}, "order", "invalid_value"),
+])
+async def test_a_bad_messages_query_is_a_400_naming_the_parameter(http, demo_headers, models, params, param, code):
+    cid = await new_conversation(http, demo_headers)
+    resp = await http.get(f"/v1/conversations/{cid}/messages", params=params, headers=demo_headers)
+    assert resp.status_code == 400, resp.text
+    assert (resp.json()["error"]["param"], resp.json()["error"]["code"]) == (param, code)
+
+
+async def test_a_page_holds_the_turns_not_yet_in_the_database_in_their_place(stack, tmp_path):
+    """The turns a chat replica answered are listed before its writer has persisted them: merged in
+    order with the database's, and a page may start at one of them."""
+    async def nothing_settles(pairs: list[tuple[str, str]]) -> set[str]:
+        return set()
+
+    cid = f"conv_{uuid.uuid4().hex}"
+    now = time.time()
+    turns = [TurnEvent(turn_id=f"turn-{i}", conversation_id=cid, user_id="usr-page", model="synthetic",
+                       request_messages=[{"role": "user", "content": f"question {i}"}], assistant=f"answer {i}",
+                       finish_reason="stop", usage=Usage(3, 2, 5), created=now + i) for i in range(6)]
+    pool = await asyncpg.create_pool(stack.admin_dsn("chat"), min_size=1, max_size=2)
+    publisher = EventPublisher(f"127.0.0.1:{free_port()}", client_id="page-test")  # nothing listens: all stay spooled
+    await publisher.start()
+    outbox = TurnOutbox(tmp_path, publisher, nothing_settles)
+    await outbox.start()
+    try:
+        store = TurnStore(pool)
+        for turn in turns[0::2]:
+            assert await store.insert_turn(turn)
+        for turn in turns[1::2]:
+            await outbox.append(turn, UsageEvent(event_id=turn.turn_id, user_id=turn.user_id, key_id=None,
+                                                 model=turn.model, prompt_tokens=3, completion_tokens=2, created=now))
+        conversations = Conversations(ConversationStore(pool), store, outbox)
+
+        async def page(start: str | None, limit: int, descending: bool = False) -> list[str]:
+            return [t.turn_id for t in await conversations.page(cid, start, limit, descending)]
+
+        assert await page(None, 10) == [f"turn-{i}" for i in range(6)]
+        assert await page(None, 3) == ["turn-0", "turn-1", "turn-2"]
+        assert await page("turn-3", 2) == ["turn-3", "turn-4"]  # a pending turn as the cursor
+        assert await page("turn-4", 3, descending=True) == ["turn-4", "turn-3", "turn-2"]
+        assert await page(None, 2, descending=True) == ["turn-5", "turn-4"]
+        with pytest.raises(LookupError):
+            await page("turn-9", 2)
+    finally:
+        await outbox.stop(timeout=0)
+        await publisher.stop()
+        await pool.execute("DELETE FROM turns WHERE conversation_id = $1", cid)
+        await pool.close()
+
+
+async def test_while_the_database_is_down_a_listing_is_refused_not_served_short(tmp_path):
+    """The chat path keeps a conversation's context from its cache through an outage; the listing
+    must not pass that cache (the newest turns only) off as the whole conversation."""
+    async def nothing_settles(pairs: list[tuple[str, str]]) -> set[str]:
+        return set()
+
+    down = await asyncpg.create_pool(f"postgresql://chat@127.0.0.1:{free_port()}/chat", min_size=0, timeout=1)
+    publisher = EventPublisher(f"127.0.0.1:{free_port()}", client_id="page-test")
+    await publisher.start()
+    outbox = TurnOutbox(tmp_path, publisher, nothing_settles)
+    await outbox.start()
+    try:
+        conversations = Conversations(ConversationStore(down), TurnStore(down), outbox)
+        conversations._histories["conv_cached"] = [HistoryTurn(turn_id="turn-1", created=time.time(),
+                                                               messages=[], assistant="cached")]
+        assert [t.assistant for t in await conversations.history("conv_cached")] == ["cached"]  # context: served
+        with pytest.raises(DB_ERRORS):
+            await conversations.page("conv_cached", None, 20, False)  # the route answers 503
+    finally:
+        await outbox.stop(timeout=0)
+        await publisher.stop()
+        await down.close()
 
 
 async def test_conversations_are_listed_newest_first_and_deleted_for_good(http, demo_headers, models):

@@ -7,6 +7,7 @@ conversation this replica served keeps its context through the outage.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections import OrderedDict
 
@@ -32,6 +33,15 @@ def store_unavailable() -> ApiError:
 def as_history(turn: TurnEvent) -> HistoryTurn:
     return HistoryTurn(turn_id=turn.turn_id, created=turn.created, messages=turn.request_messages,
                        assistant=turn.assistant)
+
+
+def _created_at(turn: HistoryTurn) -> dt.datetime:
+    # the same microsecond rounding as the turn's created_at column (TurnStore.insert_turn)
+    return dt.datetime.fromtimestamp(turn.created, dt.timezone.utc)
+
+
+def _order_key(turn: HistoryTurn) -> tuple[dt.datetime, str]:
+    return _created_at(turn), turn.turn_id
 
 
 class Conversations:
@@ -81,6 +91,28 @@ class Conversations:
         merged = stored + pending
         merged.sort(key=lambda t: (t.created, t.turn_id))
         return merged[-limit:]
+
+    async def page(self, conversation_id: str, start_turn: str | None, limit: int,
+                   descending: bool) -> list[HistoryTurn]:
+        """Up to `limit` turns, oldest first (newest first when `descending`), from `start_turn`
+        (included) on: the database's merged with this process's not yet persisted. Raises LookupError
+        when the conversation has no turn `start_turn`. Unlike `history`, never served from the cache
+        while Postgres is down: a listing must be whole or refused, not silently short."""
+        pending = [as_history(t) for t in self.outbox.pending_turns(conversation_id)]
+        start = None
+        if start_turn is not None:
+            created = await self.turns.created_at(conversation_id, start_turn)
+            if created is None:
+                created = next((_created_at(t) for t in pending if t.turn_id == start_turn), None)
+            if created is None:
+                raise LookupError(start_turn)
+            start = (created, start_turn)
+        stored = await self.turns.page(conversation_id, start, limit, descending)
+        seen = {t.turn_id for t in stored}
+        merged = stored + [t for t in pending if t.turn_id not in seen
+                           and (start is None or (_order_key(t) <= start if descending else _order_key(t) >= start))]
+        merged.sort(key=_order_key, reverse=descending)
+        return merged[:limit]
 
     def remember(self, turn: TurnEvent) -> None:
         """A turn this process just answered: part of the cached history from now on."""

@@ -3,18 +3,18 @@ conversation answers exactly like a missing one (404)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from litestar import Request, Response, delete, get, post
 from litestar.datastructures import State
 from litestar.params import Parameter
 from litestar.response import Stream
 
-from common.errors import decode_body
+from common.errors import ApiError, decode_body
 from services.chat.completions import AUDIENCE, chat_completion
 from services.chat.history import DB_ERRORS, store_unavailable
 from services.chat.schemas import (
-    Conversation, ConversationDeleted, ConversationList, CreateConversation, Message, MessageList,
+    Conversation, ConversationDeleted, ConversationList, CreateConversation, HistoryTurn, Message, MessageList,
 )
 
 
@@ -68,19 +68,58 @@ async def delete_conversation(request: Request, state: State, conversation_id: s
 
 
 @get("/v1/conversations/{conversation_id:str}/messages")
-async def list_messages(request: Request, state: State, conversation_id: str) -> MessageList:
+async def list_messages(
+    request: Request, state: State, conversation_id: str,
+    limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
+    order: Literal["asc", "desc"] = "asc",
+    after: Annotated[str | None, Parameter(max_length=128)] = None,
+) -> MessageList:
+    """A page of the conversation's messages; `after` is the last message id of the previous page."""
     principal = state.deps.tokens.principal_from(request, AUDIENCE)
     conversations = state.deps.conversations
     await conversations.get(conversation_id, principal.subject)
+    start_turn, index = _message_cursor(after) if after is not None else (None, 0)
+    descending = order == "desc"
+    try:
+        # every turn holds at least one message, so limit + 1 turns past the cursor's tell whether more follow
+        turns = await conversations.page(conversation_id, start_turn, limit + 2, descending)
+    except LookupError:
+        raise _bad_cursor(after) from None
+    except DB_ERRORS:
+        raise store_unavailable() from None
     messages: list[Message] = []
-    for turn in await conversations.history(conversation_id, limit=1000):
-        created = int(turn.created)
-        for i, m in enumerate(turn.messages):
-            messages.append(Message(id=f"{turn.turn_id}.{i}", role=m["role"], content=m["content"],
-                                    turn_id=turn.turn_id, created=created))
-        messages.append(Message(id=f"{turn.turn_id}.{len(turn.messages)}", role="assistant",
-                                content=turn.assistant, turn_id=turn.turn_id, created=created))
-    return MessageList(data=messages)
+    for turn in turns:
+        page = _turn_messages(turn)
+        if turn.turn_id == start_turn:  # what follows the cursor within its own turn
+            page = page[:index] if descending else page[index + 1:]
+        if descending:
+            page.reverse()
+        messages.extend(page)
+        if len(messages) > limit:
+            break
+    data = messages[:limit]
+    return MessageList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
+                       has_more=len(messages) > limit)
+
+
+def _turn_messages(turn: HistoryTurn) -> list[Message]:
+    """What the client sent in the turn, then the answer; ids are `<turn id>.<position>`."""
+    created = int(turn.created)
+    said = [(m["role"], m["content"]) for m in turn.messages] + [("assistant", turn.assistant)]
+    return [Message(id=f"{turn.turn_id}.{i}", role=role, content=content, turn_id=turn.turn_id, created=created)
+            for i, (role, content) in enumerate(said)]
+
+
+def _message_cursor(message_id: str) -> tuple[str, int]:
+    turn_id, _, position = message_id.rpartition(".")
+    if not turn_id or not position.isdigit():
+        raise _bad_cursor(message_id)
+    return turn_id, int(position)
+
+
+def _bad_cursor(message_id: str) -> ApiError:
+    return ApiError(400, f"'{message_id}' is not a message of this conversation; pass the last_id of a page.",
+                    param="after", code="invalid_cursor")
 
 
 route_handlers = [chat_completions, create_conversation, list_conversations, read_conversation,

@@ -55,8 +55,11 @@ class Message(msgspec.Struct, kw_only=True):
     object: str = "conversation.message"
 
 
-class MessageList(msgspec.Struct):
+class MessageList(msgspec.Struct, kw_only=True):
     data: list[Message]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
     object: str = "list"
 
 

@@ -80,6 +80,23 @@ class TurnStore:
                             messages=_messages.decode(r["request_messages"]), assistant=r["assistant"])
                 for r in reversed(rows)]
 
+    async def page(self, conversation_id: str, start: tuple[dt.datetime, str] | None, limit: int,
+                   descending: bool) -> list[HistoryTurn]:
+        """Up to `limit` turns in (created_at, turn_id) order, from `start` on (that turn included)."""
+        op, order = ("<=", "DESC") if descending else (">=", "ASC")
+        rows = await self.pool.fetch(
+            f"""SELECT turn_id, created_at, request_messages, assistant FROM turns
+                WHERE conversation_id = $1 AND ($2::timestamptz IS NULL OR (created_at, turn_id) {op} ($2, $3))
+                ORDER BY created_at {order}, turn_id {order} LIMIT $4""",
+            conversation_id, start and start[0], start and start[1], limit)
+        return [HistoryTurn(turn_id=r["turn_id"], created=r["created_at"].timestamp(),
+                            messages=_messages.decode(r["request_messages"]), assistant=r["assistant"])
+                for r in rows]
+
+    async def created_at(self, conversation_id: str, turn_id: str) -> dt.datetime | None:
+        return await self.pool.fetchval(
+            "SELECT created_at FROM turns WHERE conversation_id = $1 AND turn_id = $2", conversation_id, turn_id)
+
     async def turns_of_user(self, user_id: str) -> list[asyncpg.Record]:
         return await self.pool.fetch("SELECT * FROM turns WHERE user_id = $1 ORDER BY created_at", user_id)
 
