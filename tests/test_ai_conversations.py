@@ -194,17 +194,22 @@ async def test_a_bad_messages_query_is_a_400_naming_the_parameter(http, demo_hea
     assert (resp.json()["error"]["param"], resp.json()["error"]["code"]) == (param, code)
 
 
+def turn_event(turn_id: str, conversation_id: str, *, created: float, key: str = "") -> TurnEvent:
+    return TurnEvent(turn_id=turn_id, conversation_id=conversation_id, user_id="usr-store", model="synthetic",
+                     request_messages=[{"role": "user", "content": f"question {turn_id}"}],
+                     assistant=f"answer {turn_id}", finish_reason="stop", usage=Usage(3, 2, 5), created=created,
+                     idempotency_key=key)
+
+
 async def test_a_page_holds_the_turns_not_yet_in_the_database_in_their_place(stack, tmp_path):
     """The turns a chat replica answered are listed before its writer has persisted them: merged in
     order with the database's, and a page may start at one of them."""
-    async def nothing_settles(pairs: list[tuple[str, str]]) -> set[str]:
+    async def nothing_settles(turns: list[TurnEvent]) -> set[str]:
         return set()
 
     cid = f"conv_{uuid.uuid4().hex}"
     now = time.time()
-    turns = [TurnEvent(turn_id=f"turn-{i}", conversation_id=cid, user_id="usr-page", model="synthetic",
-                       request_messages=[{"role": "user", "content": f"question {i}"}], assistant=f"answer {i}",
-                       finish_reason="stop", usage=Usage(3, 2, 5), created=now + i) for i in range(6)]
+    turns = [turn_event(f"turn-{i}", cid, created=now + i) for i in range(6)]
     pool = await asyncpg.create_pool(stack.admin_dsn("chat"), min_size=1, max_size=2)
     publisher = EventPublisher(f"127.0.0.1:{free_port()}", client_id="page-test")  # nothing listens: all stay spooled
     await publisher.start()
@@ -236,10 +241,29 @@ async def test_a_page_holds_the_turns_not_yet_in_the_database_in_their_place(sta
         await pool.close()
 
 
+async def test_a_second_answer_to_a_stored_idempotency_key_is_settled_not_redelivered_forever(stack):
+    """Two chat replicas may answer one Idempotency-Key: the database keeps one answer, and the other
+    replica's spool must count its own as done rather than republish it every few seconds for ever."""
+    pool = await asyncpg.create_pool(stack.admin_dsn("chat"), min_size=1, max_size=2)
+    cid, key = f"conv_{uuid.uuid4().hex}", f"idem-{uuid.uuid4().hex}"
+    now = time.time()
+    first, second = turn_event(f"turn-{uuid.uuid4().hex}", cid, created=now, key=key), \
+        turn_event(f"turn-{uuid.uuid4().hex}", cid, created=now + 1, key=key)
+    unrelated = turn_event(f"turn-{uuid.uuid4().hex}", cid, created=now + 2, key=f"idem-{uuid.uuid4().hex}")
+    try:
+        store = TurnStore(pool)
+        assert await store.insert_turn(first)
+        assert not await store.insert_turn(second)  # one answer per key is stored
+        assert await store.settled([first, second, unrelated]) == {first.turn_id, second.turn_id}
+    finally:
+        await pool.execute("DELETE FROM turns WHERE conversation_id = $1", cid)
+        await pool.close()
+
+
 async def test_while_the_database_is_down_a_listing_is_refused_not_served_short(tmp_path):
     """The chat path keeps a conversation's context from its cache through an outage; the listing
     must not pass that cache (the newest turns only) off as the whole conversation."""
-    async def nothing_settles(pairs: list[tuple[str, str]]) -> set[str]:
+    async def nothing_settles(turns: list[TurnEvent]) -> set[str]:
         return set()
 
     down = await asyncpg.create_pool(f"postgresql://chat@127.0.0.1:{free_port()}/chat", min_size=0, timeout=1)

@@ -22,7 +22,7 @@ def unreachable_broker() -> str:
     return f"127.0.0.1:{free_port()}"
 
 
-async def database_down(pairs: list[tuple[str, str]]) -> set[str]:
+async def database_down(turns: list[TurnEvent]) -> set[str]:
     raise ConnectionRefusedError("postgres is down")
 
 

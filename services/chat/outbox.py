@@ -48,7 +48,7 @@ class OutboxFull(Exception):
     """Too many turns wait for the broker or the database: refuse new work rather than grow without bound."""
 
 
-Settled = Callable[[list[tuple[str, str]]], Awaitable[set[str]]]
+Settled = Callable[[list[TurnEvent]], Awaitable[set[str]]]  # of these turns, the ids needing no more delivery
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(SpoolRecord)
@@ -345,7 +345,7 @@ class TurnOutbox:
                 await self._tidy()
                 continue
             try:
-                settled = await self.settled([(e.record.turn.turn_id, e.record.turn.conversation_id) for e in due])
+                settled = await self.settled([e.record.turn for e in due])
             except Exception as exc:  # the database is away: turns wait here (and in Kafka) until it returns
                 log.debug("outbox cannot confirm yet", extra={"error": f"{type(exc).__name__}: {exc}"})
                 await asyncio.sleep(1.0)

@@ -43,17 +43,20 @@ class TurnStore:
         )
         return status.endswith(" 1")
 
-    async def settled(self, turns: list[tuple[str, str]]) -> set[str]:
-        """Of these (turn id, conversation id) pairs, the turn ids that need no more delivery: persisted,
-        or belonging to a conversation deleted meanwhile."""
-        ids = [t for t, _ in turns]
-        conversations = [c for _, c in turns]
+    async def settled(self, turns: list[TurnEvent]) -> set[str]:
+        """Of these turns, the ids that need no more delivery: persisted; belonging to a conversation
+        deleted meanwhile; or answering an Idempotency-Key another stored turn already answers (two
+        replicas answered the same key: the stored answer stands, the other is never stored)."""
         rows = await self.pool.fetch(
             """SELECT turn_id FROM turns WHERE turn_id = ANY($1::text[])
                UNION
                SELECT t.turn_id FROM unnest($1::text[], $2::text[]) AS t(turn_id, conversation_id)
-               JOIN conversations c ON c.id = t.conversation_id WHERE c.deleted_at IS NOT NULL""",
-            ids, conversations)
+               JOIN conversations c ON c.id = t.conversation_id WHERE c.deleted_at IS NOT NULL
+               UNION
+               SELECT t.turn_id FROM unnest($1::text[], $3::text[], $4::text[]) AS t(turn_id, user_id, key)
+               JOIN turns s ON s.user_id = t.user_id AND s.idempotency_key = t.key WHERE t.key <> ''""",
+            [t.turn_id for t in turns], [t.conversation_id for t in turns], [t.user_id for t in turns],
+            [t.idempotency_key for t in turns])
         return {r["turn_id"] for r in rows}
 
     async def by_idempotency_key(self, user_id: str, key: str) -> TurnEvent | None:
