@@ -14,11 +14,13 @@ import asyncpg
 import httpx
 import psycopg
 import pytest
+from redis.asyncio import Redis
 
 from ai_support import eventually, new_user, register_model
 from common.contracts import TurnEvent, UsageEvent
 from common.events import EventPublisher
 from common.openai_schema import Usage
+from services.chat.claims import IdempotencyClaims
 from services.chat.history import DB_ERRORS, Conversations
 from services.chat.outbox import TurnOutbox
 from services.chat.schemas import HistoryTurn
@@ -327,6 +329,42 @@ async def test_a_repeated_idempotency_key_returns_the_stored_answer_not_a_second
 
     await eventually(lambda: rows() == 1, timeout=20, what="the one turn persisted")
     assert rows() == 1  # one generation, one turn
+
+
+async def test_a_key_another_chat_replica_holds_is_refused_while_answered_and_replayed_once_answered(
+        http, admin_headers, stack):
+    """A retry that lands on another chat replica never generates a second answer. The other replica
+    is played here by the claims it shares through Redis (this stack runs one chat process)."""
+    user_id, api_key = await new_user(http, admin_headers)
+    headers = {"authorization": f"Bearer {api_key}"}
+    body = {"model": "synthetic", "temperature": 0.7, "max_tokens": 8,
+            "messages": [{"role": "user", "content": "Only once, across replicas."}]}
+    redis = Redis(port=stack.config.port("redis"), socket_timeout=2, socket_connect_timeout=2)
+    other_replica = IdempotencyClaims(redis)
+    answering, answered = f"idem-{uuid.uuid4().hex}", f"idem-{uuid.uuid4().hex}"
+    try:
+        assert await other_replica.claim(user_id, answering) is None
+        busy = await http.post("/v1/chat/completions", json=body, headers={**headers, "Idempotency-Key": answering})
+        assert busy.status_code == 409 and busy.json()["error"]["code"] == "idempotency_key_in_use"
+        assert busy.headers["retry-after"] == "1"
+        await other_replica.release(user_id, answering)  # it failed there: the key may be answered here
+        fresh = await http.post("/v1/chat/completions", json=body, headers={**headers, "Idempotency-Key": answering})
+        assert fresh.status_code == 200 and "x-dualgate-idempotent-replay" not in fresh.headers
+
+        assert await other_replica.claim(user_id, answered) is None
+        await other_replica.answered(TurnEvent(
+            turn_id=f"turn_{uuid.uuid4().hex}", conversation_id=f"conv_{uuid.uuid4().hex}", user_id=user_id,
+            model="synthetic", request_messages=body["messages"], assistant="answered on the other replica",
+            finish_reason="stop", usage=Usage(5, 4, 9), created=time.time(), idempotency_key=answered,
+            completion_id="chatcmpl-other-replica"))
+        for stream in (False, True):
+            async with http.stream("POST", "/v1/chat/completions", json={**body, "stream": stream},
+                                   headers={**headers, "Idempotency-Key": answered}) as resp:
+                text = (await resp.aread()).decode()
+            assert resp.status_code == 200 and resp.headers["x-dualgate-idempotent-replay"] == "true"
+            assert "chatcmpl-other-replica" in text and "answered on the other replica" in text
+    finally:
+        await redis.aclose()
 
 
 async def test_the_same_idempotency_key_while_the_first_is_answering_is_a_409(http, demo_headers, models):

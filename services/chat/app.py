@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 from litestar import Litestar
+from redis.asyncio import Redis
 
 from common.app import create_service_app
 from common.contracts import TURNS_TOPIC
@@ -20,6 +21,7 @@ from common.http import upstream_client
 from common.lifespan import service_basics
 from common.security import InternalTokens
 from common.settings import Settings
+from services.chat.claims import IdempotencyClaims
 from services.chat.context import Tokenizers, TurnCounts
 from services.chat.events import turn_writer
 from services.chat.history import Conversations
@@ -48,8 +50,8 @@ class ChatDeps:
     inference: httpx.AsyncClient
     outbox: TurnOutbox
     tokenizers: Tokenizers
+    claims: IdempotencyClaims
     turn_counts: TurnCounts = field(default_factory=TurnCounts)
-    inflight: dict[tuple[str, str], float] = field(default_factory=dict)  # idempotency keys being answered
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
@@ -65,6 +67,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             publisher = EventPublisher(settings.kafka_bootstrap, client_id="chat")
             await publisher.start()
             stack.push_async_callback(publisher.stop)
+            redis = Redis.from_url(settings.redis_url, socket_connect_timeout=0.5, socket_timeout=1.0)
+            stack.push_async_callback(redis.aclose)
             store = TurnStore(basics.pool)
             outbox = TurnOutbox(Path(settings.spool_dir) / f"{settings.service}-{settings.port}", publisher,
                                 store.settled, service=settings.service, max_pending=settings.outbox_max_pending)
@@ -79,7 +83,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 tokens=basics.tokens, store=store, conversation_store=conversation_store,
                 conversations=Conversations(conversation_store, store, outbox), inference=inference_http,
                 models=ModelResolver(models_http, basics.tokens, settings.model_cache_ttl), outbox=outbox,
-                tokenizers=Tokenizers(Path(settings.model_cache)))
+                tokenizers=Tokenizers(Path(settings.model_cache)), claims=IdempotencyClaims(redis))
             yield
 
     def readiness(state):

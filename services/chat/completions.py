@@ -47,7 +47,6 @@ TURN_HEADER = "x-dualgate-turn-id"
 CONVERSATION_HEADER = "x-dualgate-conversation-id"
 DEFAULT_MAX_TOKENS = 256
 MAX_IDEMPOTENCY_KEY = 255
-INFLIGHT_STALE_S = 600.0  # a claimed key whose request vanished without releasing it frees itself
 
 _peek = msgspec.json.Decoder(StreamPeek)
 _error = msgspec.json.Decoder(ErrorEnvelope)
@@ -70,34 +69,31 @@ async def chat_completion(request: Request, deps) -> Response | Stream:
     key = _idempotency_key(request)
     request_hash = _request_hash(body) if key else ""
     slot = (principal.subject, key) if key else None
-    if key:
-        stored = await _stored_turn(deps, principal.subject, key)
+    if slot:
+        stored = await _stored_turn(deps, *slot)
+        if stored is None:
+            stored = await deps.claims.claim(*slot)  # another replica's answer, a 409, or the key is ours
         if stored is not None:
             if stored.request_hash and stored.request_hash != request_hash:
                 raise ApiError(422, "This Idempotency-Key was already used with a different request.",
                                param="Idempotency-Key", code="idempotency_key_reused")
             return _replay(stored, body)
-        claimed = deps.inflight.get(slot)
-        if claimed is not None and time.monotonic() - claimed < INFLIGHT_STALE_S:
-            raise ApiError(409, "A request with this Idempotency-Key is still being answered; retry shortly.",
-                           param="Idempotency-Key", code="idempotency_key_in_use", headers={"Retry-After": "1"})
-    try:
-        deps.outbox.check_capacity()
-    except OutboxFull:
-        raise unavailable("Too many answered turns wait to be stored; retry shortly.", code="turns_backlogged") from None
-
-    model = await deps.models.resolve(body.model)
-    _validate_against_model(body, model)
-    conversation: Conversation | None = None
-    history: list[HistoryTurn] = []
-    if body.conversation_id:
-        conversation = await deps.conversations.get(body.conversation_id, principal.subject)
-        history = await deps.conversations.history(body.conversation_id)
-
-    if slot:
-        deps.inflight[slot] = time.monotonic()
     handed_over = False
     try:
+        try:
+            deps.outbox.check_capacity()
+        except OutboxFull:
+            raise unavailable("Too many answered turns wait to be stored; retry shortly.",
+                              code="turns_backlogged") from None
+
+        model = await deps.models.resolve(body.model)
+        _validate_against_model(body, model)
+        conversation: Conversation | None = None
+        history: list[HistoryTurn] = []
+        if body.conversation_id:
+            conversation = await deps.conversations.get(body.conversation_id, principal.subject)
+            history = await deps.conversations.history(body.conversation_id)
+
         opening = stage_done("chat", "prepare", started)  # token, body, idempotency, model, conversation
         upstream, served, degraded = await _open_with_fallback(deps, principal, body, model, conversation, history)
         opened = stage_done("chat", "inference", opening)  # the context, and the inference service's headers
@@ -115,7 +111,7 @@ async def chat_completion(request: Request, deps) -> Response | Stream:
         return await _aggregate(upstream, draft, deps, headers)
     finally:
         if slot and not handed_over:
-            deps.inflight.pop(slot, None)
+            await deps.claims.release(*slot)
 
 
 def _request_hash(body: ChatCompletionRequest) -> str:
@@ -280,6 +276,8 @@ class _TurnDraft:
         await deps.outbox.append(turn, usage)
         if self.body.conversation_id:
             deps.conversations.remember(turn)
+        if self.idempotency_key:
+            await deps.claims.answered(turn)
 
 
 async def _relay(upstream: httpx.Response, turn: _TurnDraft, deps, include_usage: bool,
@@ -316,7 +314,7 @@ async def _relay(upstream: httpx.Response, turn: _TurnDraft, deps, include_usage
     finally:
         await finish(upstream, chunks if ended else None)
         if slot:
-            deps.inflight.pop(slot, None)
+            await deps.claims.release(*slot)
 
 
 def _cut_error() -> ErrorEnvelope:
