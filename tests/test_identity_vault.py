@@ -3,6 +3,7 @@ credentials open only its own database. Postgres takes no password-less logins."
 
 from __future__ import annotations
 
+import asyncio
 import base64
 
 import httpx
@@ -11,9 +12,10 @@ import hvac.exceptions
 import psycopg
 import pytest
 
+from common.authn import SnapshotAuthenticator
 from common.db import with_credentials
 from common.vault import DATABASE_MOUNT, INTERNAL_KEYS_PATH, JWT_TRANSIT_KEY, PEPPER_PATH, database_role
-from identity_support import bearer, current_creds, vault_root
+from identity_support import bearer, current_creds, internal_tokens, redis_client, vault_root, wait_until
 from stack.config import DATABASES
 from stack.local import LocalStack
 
@@ -104,18 +106,43 @@ def test_postgres_refuses_logins_without_the_password(stack):
         psycopg.connect(stack.config.database_url("postgres"), connect_timeout=5)
 
 
-def test_a_vault_restarted_under_the_stack_is_configured_again_and_services_still_start(stack):
+async def test_a_vault_restarted_under_the_stack_is_configured_again_and_services_still_start(stack):
     """Dev-mode Vault forgets everything when it restarts. Without the stack's listener no service
-    could log in afterwards, so one restarted then would never start again."""
-    stack.supervisor.stop("vault")
-    stack.supervisor.start("vault")
-    stack.wait_vault_configured(60.0)
+    could log in afterwards, so one restarted then would never start again. Its new JWT signing key
+    (version 1 again, perhaps under a kid already known) verifies at once, also on the fallback
+    gateway, which only has the JWKS auth seals into Redis."""
+    key = current_creds(stack).demo_key
+    redis = redis_client(stack)
+    fallback = SnapshotAuthenticator(redis, internal_tokens(stack, "gateway-fallback"))  # no auth service to ask
+    await fallback.start()
+    http = httpx.AsyncClient(base_url=stack.config.base_url, timeout=10)
 
-    secret = vault_root(stack).secrets.kv.v2.read_secret_version(INTERNAL_KEYS_PATH, raise_on_deleted_version=True)
-    assert secret["data"]["data"] == current_creds(stack).internal_keys  # the recorded versions, rotations too
+    async def new_jwt() -> str | None:
+        resp = await http.post("/v1/auth/token", headers=bearer(key))
+        return resp.json()["access_token"] if resp.status_code == 200 else None
 
-    stack.supervisor.stop("models")
-    stack.supervisor.start("models")
-    stack.wait_ready(("models",), 60.0)
-    models = httpx.get(f"{stack.config.base_url}/v1/models", headers=bearer(current_creds(stack).demo_key), timeout=10)
-    assert models.status_code == 200, models.text
+    try:
+        await fallback.authenticate_token(await new_jwt())  # the fallback now holds the old key
+        await asyncio.to_thread(stack.supervisor.stop, "vault")
+        await asyncio.to_thread(stack.supervisor.start, "vault")
+        await asyncio.to_thread(stack.wait_vault_configured, 60.0)
+
+        secret = vault_root(stack).secrets.kv.v2.read_secret_version(INTERNAL_KEYS_PATH,
+                                                                      raise_on_deleted_version=True)
+        assert secret["data"]["data"] == current_creds(stack).internal_keys  # the recorded versions, rotations too
+
+        signed_after = await wait_until(new_jwt, timeout=30, what="auth signs with the new Vault's key")
+        for entry in ("/v1/models", "/v1/users/me"):  # both primary gateways
+            resp = await http.get(entry, headers=bearer(signed_after))
+            assert resp.status_code == 200, resp.text
+        assert (await fallback.authenticate_token(signed_after)).principal.key_id
+
+        await asyncio.to_thread(stack.supervisor.stop, "models")
+        await asyncio.to_thread(stack.supervisor.start, "models")
+        await asyncio.to_thread(stack.wait_ready, ("models",), 60.0)
+        models = await http.get("/v1/models", headers=bearer(key))
+        assert models.status_code == 200, models.text
+    finally:
+        await http.aclose()
+        await fallback.stop()
+        await redis.aclose()

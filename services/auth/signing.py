@@ -14,6 +14,8 @@ import time
 import uuid
 
 import msgspec
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -97,7 +99,24 @@ class JwtSigner:
         used, signature = await self.vault.transit_sign(JWT_TRANSIT_KEY, signing_input, latest)
         if used != latest:  # cannot happen with key_version pinned; never publish a kid that lies
             raise VaultUnavailable(f"transit signed with v{used}, asked for v{latest}")
+        if not self._verifies(latest, signing_input, signature):
+            # Vault holds another key under this version than the JWKS shows: a dev-mode Vault restarted
+            # and made its keys anew. Learn (and publish) the new key before the token leaves, so every
+            # gateway that refetches the JWKS on this token's failed signature finds the key.
+            await self._refresh()
+            if not self._verifies(latest, signing_input, signature):
+                raise VaultUnavailable(f"transit key v{latest} does not verify its own signature")
         return f"{signing_input.decode()}.{b64url(signature)}", now + ttl
+
+    def _verifies(self, version: int, signed: bytes, signature: bytes) -> bool:
+        for v in self._versions:
+            if v.version == version:
+                try:
+                    Ed25519PublicKey.from_public_bytes(v.public_key).verify(signature, signed)
+                    return True
+                except (InvalidSignature, ValueError):
+                    return False
+        return False
 
     async def _keep_fresh(self) -> None:
         while True:
