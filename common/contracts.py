@@ -13,6 +13,23 @@ TURNS_TOPIC = "chat.turns.v1"
 USAGE_TOPIC = "usage.events.v1"
 AUDIT_TOPIC = "audit.events.v1"
 
+# The public API: path prefix -> (domain, service). The router sends a path to its domain's gateway
+# pool, the gateway on to the service, and the fallback gateway knows the same paths: one table, so
+# no hop can disagree about a route.
+API_ROUTES: tuple[tuple[str, str, str], ...] = (
+    ("/v1/chat/completions", "ai", "chat"), ("/v1/conversations", "ai", "chat"), ("/v1/models", "ai", "models"),
+    ("/v1/keys", "identity", "auth"), ("/v1/auth", "identity", "auth"), ("/.well-known/jwks.json", "identity", "auth"),
+    ("/v1/users", "identity", "users"), ("/v1/usage", "identity", "users"), ("/v1/plans", "identity", "users"),
+)
+
+
+def route_of(path: str) -> tuple[str, str] | None:
+    """(domain, service) answering `path`, or None for a path outside the API."""
+    for prefix, domain, service in API_ROUTES:
+        if path == prefix or path.startswith(prefix + "/"):
+            return domain, service
+    return None
+
 
 class ModelRecord(msgspec.Struct, kw_only=True):
     """A models-registry row as other services see it."""

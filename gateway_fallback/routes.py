@@ -12,6 +12,7 @@ from litestar import HttpMethod, Request, Response, get, route
 from litestar.datastructures import State
 from litestar.response import Stream
 
+from common.contracts import route_of
 from common.errors import ApiError, not_found
 from common.proxy import request_body_too_large
 from fallback import degraded_response
@@ -19,7 +20,6 @@ from fallback.forward import admit, forward_to, key_rate
 
 READS = {"/v1/users/me": "users", "/v1/usage": "users", "/v1/models": "models"}
 CHAT_COMPLETIONS = "/v1/chat/completions"
-KNOWN_PREFIXES = ("/v1/chat", "/v1/models", "/v1/conversations", "/v1/auth", "/v1/keys", "/v1/users", "/v1/usage")
 
 
 @route("/v1/{path:path}", http_method=[HttpMethod.GET, HttpMethod.POST, HttpMethod.PUT, HttpMethod.PATCH,
@@ -27,7 +27,7 @@ KNOWN_PREFIXES = ("/v1/chat", "/v1/models", "/v1/conversations", "/v1/auth", "/v
 async def serve(request: Request, state: State) -> Response | Stream:
     deps = state.deps
     path, method = request.url.path, request.method
-    if not any(path == p or path.startswith(p + "/") for p in KNOWN_PREFIXES):
+    if route_of(path) is None:
         raise not_found(f"No route for {method} {path}.", code="unknown_route")
     identity = await deps.auth.authenticate(request)
     rate = key_rate(deps.requests, identity, deps.request_limit(identity.plan.requests_per_min))

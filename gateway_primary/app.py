@@ -11,6 +11,7 @@ from litestar import Litestar
 
 from common.app import create_service_app
 from common.authn import Authenticator
+from common.contracts import API_ROUTES
 from common.http import upstream_client
 from common.lifespan import followed_internal_tokens
 from common.limits import RequestRateLimiter, TokenBudget
@@ -21,7 +22,7 @@ from fallback.cache import LastKnown, ResponseCache
 from fallback.chatpath import ChatPath
 from fallback.forward import Upstream
 from fallback.wiring import LIMITS_REDIS_TIMEOUT, build_chain, build_hops, gateway_status, redis_client
-from gateway_primary.routes import ROUTES, route_handlers
+from gateway_primary.routes import route_handlers
 
 AUTH_TIMEOUT = 2.0  # an introspection that takes longer is a failure, not a wait
 
@@ -47,8 +48,9 @@ class GatewayDeps:
 
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or Settings.from_env(service="gateway")
-    if settings.domain not in ROUTES:
-        raise ValueError(f"DUALGATE_DOMAIN must be one of {sorted(ROUTES)}, not {settings.domain!r}")
+    domains = {domain for _, domain, _ in API_ROUTES}
+    if settings.domain not in domains:
+        raise ValueError(f"DUALGATE_DOMAIN must be one of {sorted(domains)}, not {settings.domain!r}")
     if settings.service == "gateway":
         settings = msgspec.structs.replace(settings, service=f"gateway-{settings.domain}")
     service_name = settings.service
@@ -59,7 +61,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             tokens = await followed_internal_tokens(settings, stack)
             redis = redis_client(settings)
             stack.push_async_callback(redis.aclose)
-            routed = {service for _, service in ROUTES[settings.domain]}
+            routed = {service for _, domain, service in API_ROUTES if domain == settings.domain}
             chain_needs = {"chat", "models", "inference"} if settings.domain == "ai" else set()
             hops = await build_hops(settings, stack, redis, routed | chain_needs,
                                     first_byte={"inference": settings.fallback_first_byte_timeout,

@@ -9,28 +9,22 @@ from litestar.datastructures import State
 from litestar.response import Stream
 
 from common.authn import Identity
+from common.contracts import route_of
 from common.errors import ApiError, not_found
 from common.metrics import stage_done
 from common.proxy import request_body_too_large
 from common.security import service_principal
 from fallback.forward import admit, forward_to, key_rate
 
-# which service answers which path prefix, per domain
-ROUTES: dict[str, tuple[tuple[str, str], ...]] = {
-    "ai": (("/v1/chat/completions", "chat"), ("/v1/conversations", "chat"), ("/v1/models", "models")),
-    "identity": (("/v1/keys", "auth"), ("/v1/auth", "auth"), ("/v1/users", "users"), ("/v1/usage", "users"),
-                 ("/.well-known/jwks.json", "auth")),
-}
 # answered without credentials: public key material
 PUBLIC_PATHS = frozenset({"/.well-known/jwks.json"})
 CHAT_COMPLETIONS = "/v1/chat/completions"
 
 
 def match(domain: str, path: str) -> str | None:
-    for prefix, service in ROUTES[domain]:
-        if path == prefix or path.startswith(prefix + "/"):
-            return service
-    return None
+    """The service answering `path` on this domain's gateway."""
+    found = route_of(path)
+    return found[1] if found and found[0] == domain else None
 
 
 @route(["/v1/{path:path}", "/.well-known/{path:path}"],

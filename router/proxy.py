@@ -24,6 +24,7 @@ from litestar.handlers import asgi
 from litestar.types import Receive, Scope, Send
 
 from common.breaker import BreakerOpen
+from common.contracts import route_of
 from common.errors import ApiError, not_found
 from common.http import HOP_HEADERS
 from common.limits import rate_headers, retry_after
@@ -39,11 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DOMAIN_PREFIXES: tuple[tuple[str, str], ...] = (
-    ("/v1/chat", "ai"), ("/v1/models", "ai"), ("/v1/conversations", "ai"),
-    ("/v1/auth", "identity"), ("/v1/keys", "identity"), ("/v1/users", "identity"), ("/v1/usage", "identity"),
-    ("/.well-known", "identity"),
-)
 ROUTE_HEADER = "x-dualgate-route"
 TRUSTED_PROXIES = frozenset({"127.0.0.1", "::1"})
 SMALL_BODY = 65_536  # whole answers up to this size are passed on whole
@@ -56,10 +52,8 @@ _SSE = b"text/event-stream"
 
 
 def domain_of(path: str) -> str | None:
-    for prefix, domain in DOMAIN_PREFIXES:
-        if path == prefix or path.startswith(prefix + "/"):
-            return domain
-    return None
+    found = route_of(path)
+    return found[0] if found else None
 
 
 class _ClientGone(Exception):

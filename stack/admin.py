@@ -1,4 +1,5 @@
-"""`dualgate users create|list|disable|enable` and `dualgate keys create|list|revoke|rotate`.
+"""`dualgate users create|list|set-plan|disable|enable`, `dualgate plans create|list` and
+`dualgate keys create|list|revoke|rotate`.
 
 They call the running stack's public API through nginx with the admin key from the stack's
 credentials (DUALGATE_HOME), exactly as any admin client would. `--json` prints the API's answer.
@@ -84,6 +85,13 @@ def users_list(args: argparse.Namespace) -> dict:
     return users
 
 
+def users_set_plan(args: argparse.Namespace) -> dict:
+    user = _call("PATCH", f"/v1/users/{args.user_id}", {"plan": args.plan})
+    if not args.json:
+        print(f"user {user['id']} is on plan {user['plan']['name']}: every gateway enforces it from now on")
+    return user
+
+
 def users_disable(args: argparse.Namespace) -> dict:
     user = _call("POST", f"/v1/users/{args.user_id}/disable")
     if not args.json:
@@ -96,6 +104,30 @@ def users_enable(args: argparse.Namespace) -> dict:
     if not args.json:
         print(f"user {user['id']} enabled")
     return user
+
+
+# ---- plans ---------------------------------------------------------------------------------------
+
+def _print_plans(plans: list[dict]) -> None:
+    _table(["name", "requests/min", "tokens/day", "max tokens", "models"],
+           [[p["name"], str(p["requests_per_min"]), str(p["tokens_per_day"]), str(p["max_tokens"]),
+             ",".join(p["allowed_models"]) or "all"] for p in plans])
+
+
+def plans_create(args: argparse.Namespace) -> dict:
+    plan = _call("POST", "/v1/plans", {"name": args.name, "requests_per_min": args.requests_per_min,
+                                       "tokens_per_day": args.tokens_per_day, "max_tokens": args.max_tokens,
+                                       "allowed_models": args.model or []})
+    if not args.json:
+        _print_plans([plan])
+    return plan
+
+
+def plans_list(args: argparse.Namespace) -> dict:
+    plans = _call("GET", "/v1/plans")
+    if not args.json:
+        _print_plans(plans["data"])
+    return plans
 
 
 # ---- keys ----------------------------------------------------------------------------------------
@@ -157,11 +189,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     cmd.add_argument("--plan", default="default")
     cmd.set_defaults(func=_run(users_create))
     users_sub.add_parser("list", parents=[json_flag], help="list users").set_defaults(func=_run(users_list))
+    cmd = users_sub.add_parser("set-plan", parents=[json_flag], help="move a user to another plan")
+    cmd.add_argument("user_id")
+    cmd.add_argument("plan")
+    cmd.set_defaults(func=_run(users_set_plan))
     for name, handler, what in (("disable", users_disable, "disable a user: every key and token stops working"),
                                 ("enable", users_enable, "enable a disabled user")):
         cmd = users_sub.add_parser(name, parents=[json_flag], help=what)
         cmd.add_argument("user_id")
         cmd.set_defaults(func=_run(handler))
+
+    plans = sub.add_parser("plans", help="manage plans (admin, through the running stack)")
+    plans_sub = plans.add_subparsers(dest="plans_command", required=True)
+    cmd = plans_sub.add_parser("create", parents=[json_flag],
+                               help="create a plan (plans never change: move users to a new one to change limits)")
+    cmd.add_argument("name")
+    cmd.add_argument("--requests-per-min", type=int, required=True)
+    cmd.add_argument("--tokens-per-day", type=int, required=True)
+    cmd.add_argument("--max-tokens", type=int, required=True, help="the most tokens one request may ask for")
+    cmd.add_argument("--model", action="append", help="a model the plan allows (repeat; default: every model)")
+    cmd.set_defaults(func=_run(plans_create))
+    plans_sub.add_parser("list", parents=[json_flag], help="list plans").set_defaults(func=_run(plans_list))
 
     keys = sub.add_parser("keys", help="manage API keys (admin, through the running stack)")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)

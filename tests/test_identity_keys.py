@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 
 import httpx
 import pytest
@@ -133,13 +134,62 @@ async def test_a_user_cannot_see_or_touch_another_users_keys_users_or_usage(http
 async def test_admin_operations_need_the_admin_scope(http, admin_headers):
     user_key, _ = await new_key(http, admin_headers, await new_user(http, admin_headers))
     for method, path, body in (("GET", "/v1/users", None), ("POST", "/v1/users", {"name": "x"}),
-                               ("POST", "/v1/users/usr_admin/disable", None), ("GET", "/v1/auth/audit", None)):
+                               ("POST", "/v1/users/usr_admin/disable", None), ("GET", "/v1/auth/audit", None),
+                               ("GET", "/v1/plans", None), ("GET", "/v1/plans/default", None),
+                               ("POST", "/v1/plans", {"name": "mine", "requests_per_min": 10**6,
+                                                      "tokens_per_day": 10**12, "max_tokens": 32768})):
         resp = await http.request(method, path, json=body, headers=bearer(user_key))
         assert resp.status_code == 403, (path, resp.text)
         assert resp.json()["error"]["type"] == "permission_error"
     # nor can a user mint a key with scopes they lack
     escalate = await http.post("/v1/keys", json={"name": "x", "scopes": ["admin"]}, headers=bearer(user_key))
     assert escalate.status_code == 403 and escalate.json()["error"]["param"] == "scopes"
+
+
+async def test_an_admin_creates_a_plan_and_its_users_get_its_limits(http, admin_headers):
+    name = f"tiny-{uuid.uuid4().hex[:8]}"
+    plan = {"name": name, "requests_per_min": 50, "tokens_per_day": 5000, "max_tokens": 64,
+            "allowed_models": ["synthetic"]}
+    created = await http.post("/v1/plans", json=plan, headers=admin_headers)
+    assert (created.status_code, created.json()) == (201, plan)
+    again = await http.post("/v1/plans", json={**plan, "tokens_per_day": 1}, headers=admin_headers)
+    assert again.status_code == 409 and again.json()["error"]["code"] == "plan_exists"
+    assert (await http.get(f"/v1/plans/{name}", headers=admin_headers)).json() == plan  # unchanged
+    listed = (await http.get("/v1/plans", headers=admin_headers)).json()["data"]
+    assert {"default", "unlimited", name} <= {p["name"] for p in listed}
+    missing = await http.get("/v1/plans/no-such-plan", headers=admin_headers)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "plan_not_found"
+
+    user = await http.post("/v1/users", json={"name": "on-tiny", "plan": name}, headers=admin_headers)
+    assert user.status_code == 201 and user.json()["plan"] == plan
+    key, _ = await new_key(http, admin_headers, user.json()["id"])
+    usage = (await http.get("/v1/usage", headers=bearer(key))).json()
+    assert (usage["plan"], usage["tokens_per_day"]) == (name, 5000)
+    assert [m["id"] for m in (await http.get("/v1/models", headers=bearer(key))).json()["data"]] == ["synthetic"]
+    ask = {"model": "synthetic", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+    assert (await http.post("/v1/chat/completions", json=ask, headers=bearer(key))).status_code == 200
+    too_long = await http.post("/v1/chat/completions", json={**ask, "max_tokens": 65}, headers=bearer(key))
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "max_tokens"
+
+
+@pytest.mark.parametrize("change, param", [
+    ({"name": "Has Spaces"}, "name"),
+    ({"name": ""}, "name"),
+    ({"requests_per_min": 0}, "requests_per_min"),
+    ({"tokens_per_day": -5}, "tokens_per_day"),
+    ({"max_tokens": "lots"}, "max_tokens"),
+    ({"allowed_models": "synthetic"}, "allowed_models"),
+    ({"allowed_models": [""]}, "allowed_models[0]"),
+    ({"colour": "red"}, None),
+])
+async def test_invalid_plans_are_400_naming_the_field(http, admin_headers, change, param):
+    body = {"name": f"p-{uuid.uuid4().hex[:8]}", "requests_per_min": 5, "tokens_per_day": 100, "max_tokens": 10,
+            **change}
+    resp = await http.post("/v1/plans", json=body, headers=admin_headers)
+    assert resp.status_code == 400 and resp.json()["error"]["type"] == "invalid_request_error", resp.text
+    assert resp.json()["error"]["param"] == param
+    listed = (await http.get("/v1/plans", headers=admin_headers)).json()["data"]
+    assert body["name"] not in {p["name"] for p in listed}  # nothing half-made
 
 
 async def test_every_bad_credential_gets_the_same_401(http, admin_headers):
@@ -229,6 +279,14 @@ def test_the_admin_cli_manages_users_and_keys_on_the_running_stack(stack, base_u
     assert httpx.get(f"{base_url}/v1/users/me", headers=bearer(other_key)).status_code == 401
     users = json.loads(_dualgate(stack, "users", "list", "--json").stdout)["data"]
     assert next(u for u in users if u["id"] == other)["disabled"] is True
+
+    plan = f"cli-{uuid.uuid4().hex[:6]}"
+    made = _dualgate(stack, "plans", "create", plan, "--requests-per-min", "30", "--tokens-per-day", "900",
+                     "--max-tokens", "16", "--model", "synthetic")
+    assert made.returncode == 0, made.stderr
+    assert plan in _dualgate(stack, "plans", "list").stdout
+    moved = _dualgate(stack, "users", "set-plan", user_id, plan, "--json")
+    assert moved.returncode == 0 and json.loads(moved.stdout)["plan"]["tokens_per_day"] == 900
 
     missing = _dualgate(stack, "keys", "revoke", "0123456789abcdef")
     assert missing.returncode == 1 and "404" in missing.stderr

@@ -5,12 +5,13 @@ from __future__ import annotations
 import calendar
 import datetime as dt
 
+import msgspec
 from litestar import Request, get, patch, post
 from litestar.datastructures import State
 
 from common.errors import ApiError, decode_body, not_found
 from common.security import Principal
-from services.users.schemas import CreateUser, UpdateUser, Usage, User, UserList
+from services.users.schemas import CreatePlan, CreateUser, Plan, PlanList, UpdateUser, Usage, User, UserList
 
 AUDIENCE = "users"
 
@@ -126,6 +127,39 @@ async def read_usage(request: Request, state: State, user_id: str | None = None)
                  completion_tokens=row["completion_tokens"], requests=row["requests"], resets_at=midnight)
 
 
+@post("/v1/plans", status_code=201)
+async def create_plan(request: Request, state: State) -> Plan:
+    """A new plan, for users created on it or moved to it. Plans are not edited in place: move users to
+    a new plan (PATCH /v1/users/{id}), which every gateway hears of at once."""
+    deps = state.deps
+    admin = _caller(request, state)
+    admin.require_scope("admin")
+    plan = Plan(**msgspec.structs.asdict(decode_body(await request.body(), CreatePlan)))
+    if not await deps.store.create_plan(plan):
+        raise ApiError(409, f"A plan named '{plan.name}' exists; plans are not changed in place.", param="name",
+                       code="plan_exists")
+    deps.audit.record("plan.created", actor=admin.subject, target=plan.name,
+                      detail={"requests_per_min": str(plan.requests_per_min),
+                              "tokens_per_day": str(plan.tokens_per_day), "max_tokens": str(plan.max_tokens),
+                              "allowed_models": ",".join(plan.allowed_models)})
+    return plan
+
+
+@get("/v1/plans")
+async def list_plans(request: Request, state: State) -> PlanList:
+    _caller(request, state).require_scope("admin")
+    return PlanList(data=await state.deps.store.plans())
+
+
+@get("/v1/plans/{name:str}")
+async def read_plan(request: Request, state: State, name: str) -> Plan:
+    _caller(request, state).require_scope("admin")
+    found = await state.deps.store.plans(name)
+    if not found:
+        raise not_found(f"No plan named '{name}'.", code="plan_not_found", param="name")
+    return found[0]
+
+
 @get("/internal/users/{user_id:str}")
 async def internal_user(request: Request, state: State, user_id: str) -> User:
     _caller(request, state).require_scope("service")
@@ -136,4 +170,4 @@ async def internal_user(request: Request, state: State, user_id: str) -> User:
 
 
 route_handlers = [create_user, list_users, read_me, read_user, update_user, disable_user, enable_user, read_usage,
-                  internal_user]
+                  create_plan, list_plans, read_plan, internal_user]

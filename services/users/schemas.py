@@ -26,6 +26,20 @@ class Plan(msgspec.Struct, kw_only=True):
     allowed_models: list[str]
 
 
+class CreatePlan(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9._-]*$")]
+    requests_per_min: Annotated[int, Meta(ge=1, le=10_000_000)]
+    tokens_per_day: Annotated[int, Meta(ge=1, le=10**15)]
+    max_tokens: Annotated[int, Meta(ge=1, le=1_000_000)]
+    # empty: every model
+    allowed_models: Annotated[list[Annotated[str, Meta(min_length=1, max_length=200)]], Meta(max_length=200)] = []
+
+
+class PlanList(msgspec.Struct):
+    data: list[Plan]
+    object: str = "list"
+
+
 class User(msgspec.Struct, kw_only=True):
     id: str
     name: str

@@ -28,6 +28,21 @@ class UserStore:
     async def plan_exists(self, name: str) -> bool:
         return bool(await self.pool.fetchval("SELECT 1 FROM plans WHERE name = $1", name))
 
+    async def create_plan(self, plan: Plan) -> bool:
+        """False when a plan of that name exists (it is left as it is)."""
+        status = await self.pool.execute(
+            """INSERT INTO plans (name, requests_per_min, tokens_per_day, max_tokens, allowed_models)
+               VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING""",
+            plan.name, plan.requests_per_min, plan.tokens_per_day, plan.max_tokens, plan.allowed_models)
+        return status.endswith(" 1")
+
+    async def plans(self, name: str | None = None) -> list[Plan]:
+        rows = await self.pool.fetch(
+            """SELECT name, requests_per_min, tokens_per_day, max_tokens, allowed_models FROM plans
+               WHERE $1::text IS NULL OR name = $1 ORDER BY name""", name)
+        return [Plan(name=r["name"], requests_per_min=r["requests_per_min"], tokens_per_day=r["tokens_per_day"],
+                     max_tokens=r["max_tokens"], allowed_models=list(r["allowed_models"])) for r in rows]
+
     async def create(self, name: str, plan: str) -> User:
         user_id = f"usr_{uuid.uuid4().hex[:16]}"
         await self.pool.execute("INSERT INTO users (id, name, plan) VALUES ($1, $2, $3)", user_id, name, plan)
