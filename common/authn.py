@@ -45,6 +45,7 @@ from common.contracts import (
     AUTH_CHANNEL, AUTH_EPOCH_FIELD, AUTH_JWKS, AUTH_REVOKED, AUTH_SNAPSHOT, DEFAULT_PLAN, AuthChange,
     IntrospectRequest, KeyPrincipal, PlanLimits, SnapshotEntry, marker_field,
 )
+from common.audit import AuditLog
 from common.errors import ApiError, unauthorized, unavailable
 from common.metrics import AUTH_FAILURES, AUTH_LOOKUPS
 from common.security import (
@@ -356,9 +357,45 @@ class JwtVerifier:
                                   key_id=akid if isinstance(akid, str) else None, via="jwt"), plan)
 
 
+class Refused(ApiError):
+    """A refused credential: the caller sees the one 401; `reason` is for metrics and the audit log."""
+
+    def __init__(self, reason: str) -> None:
+        error = unauthorized().body.error
+        super().__init__(401, error.message, type=error.type, code=error.code)
+        self.reason = reason
+
+
 def _refused(reason: str, service: str = "") -> ApiError:
     AUTH_FAILURES.labels(service or "gateway", reason).inc()
-    return unauthorized()
+    return Refused(reason)
+
+
+async def verify_audited(verifier: JwtVerifier, token: str, changes: Mapping[str, AuthChange], service: str,
+                         audit: AuditLog | None) -> Identity:
+    """A user JWT verified here, never by the auth service, so its refusals are audited here: the auth
+    service only sees (and audits) failed API keys. Rate-limited by the audit log, like those."""
+    try:
+        identity = await verifier.verify(token)
+        if jwt_rejected(identity.principal, changes):
+            raise _refused("jwt_revoked", service)
+        return identity
+    except Refused as refused:
+        if audit is not None:
+            claimed = _unverified_claims(token)
+            audit.record("auth.failed", actor="anonymous", target=claimed.get("akid") or claimed.get("sub"),
+                         outcome="denied", detail={"via": "jwt", "reason": refused.reason, "service": service,
+                                                   "kid": claimed.get("kid") or ""})
+        raise
+
+
+def _unverified_claims(token: str) -> dict[str, str]:
+    """What a refused token claims (the attacker's words: kept short, never trusted)."""
+    try:
+        claims = {**jwt.decode(token, options={"verify_signature": False}), **jwt.get_unverified_header(token)}
+    except (jwt.PyJWTError, TypeError, ValueError):
+        return {}
+    return {k: str(claims[k])[:64] for k in ("akid", "sub", "kid") if claims.get(k)}
 
 
 # ---- the domain gateways' authenticator --------------------------------------------------------
@@ -387,8 +424,10 @@ class Authenticator:
 
     def __init__(self, client: httpx.AsyncClient, tokens: InternalTokens, service: str,
                  redis: Redis | None = None, *, issuer: str = "dualgate-auth", audience: str = "dualgate-api",
-                 cache_seconds: float = 10.0, snapshot_max_age: float = 86_400.0) -> None:
+                 cache_seconds: float = 10.0, snapshot_max_age: float = 86_400.0,
+                 audit: AuditLog | None = None) -> None:
         self.client = client
+        self.audit = audit
         self.tokens = tokens
         self.service = service
         self.redis = redis
@@ -430,9 +469,7 @@ class Authenticator:
 
     async def authenticate_token(self, token: str) -> Identity:
         if looks_like_jwt(token):
-            identity = await self.jwt.verify(token)
-            if jwt_rejected(identity.principal, self._changes):
-                raise _refused("jwt_revoked", self.service)
+            identity = await verify_audited(self.jwt, token, self._changes, self.service, self.audit)
             AUTH_LOOKUPS.labels(self.service, "jwt").inc()
             return identity
         if parse_api_key(token) is None:
@@ -615,6 +652,7 @@ class SnapshotAuthenticator:
         issuer, audience: what user JWTs must carry.
         max_age: the oldest snapshot entry admitted.
         sync_seconds: how often the whole snapshot is copied into memory.
+        audit: where refused JWTs are recorded (API keys are audited by the auth service).
 
     Call `start()` once the event loop runs and `stop()` on shutdown. A key passes only if its
     entry is sealed by a known internal key, younger than `max_age`, and not contradicted by any
@@ -625,8 +663,9 @@ class SnapshotAuthenticator:
 
     def __init__(self, redis: Redis, tokens: InternalTokens, *, auth_client: httpx.AsyncClient | None = None,
                  service: str = "gateway-fallback", issuer: str = "dualgate-auth", audience: str = "dualgate-api",
-                 max_age: float = 86_400.0, sync_seconds: float = 15.0) -> None:
+                 max_age: float = 86_400.0, sync_seconds: float = 15.0, audit: AuditLog | None = None) -> None:
         self.redis = redis
+        self.audit = audit
         self.tokens = tokens
         self.auth_client = auth_client
         self.service = service
@@ -658,10 +697,7 @@ class SnapshotAuthenticator:
 
     async def authenticate_token(self, token: str) -> Identity:
         if looks_like_jwt(token):
-            identity = await self.jwt.verify(token)
-            if jwt_rejected(identity.principal, self.feed.changes):
-                raise _refused("jwt_revoked", self.service)
-            return identity
+            return await verify_audited(self.jwt, token, self.feed.changes, self.service, self.audit)
         if parse_api_key(token) is None:
             raise _refused("malformed", self.service)
         digest = hashlib.sha256(token.encode()).hexdigest()

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import hvac.exceptions
 
+from common.audit import AuditLog
 from common.db import Database, DatabaseCredentials, open_database, with_credentials
+from common.events import EventPublisher
 from common.security import InternalTokens
 from common.settings import Settings
 from common.vault import ROTATION_PATH, SecretsRefresher, Vault, database_role
@@ -43,6 +45,18 @@ async def followed_internal_tokens(settings: Settings, stack: AsyncExitStack) ->
     await secrets.start()
     stack.push_async_callback(secrets.stop)
     return tokens
+
+
+async def audit_log(settings: Settings, stack: AsyncExitStack) -> AuditLog:
+    """An audit log with a Kafka producer of its own, both stopped by `stack` (the log drains first):
+    for the gateways, which publish no other events."""
+    publisher = EventPublisher(settings.kafka_bootstrap, client_id=settings.service)
+    await publisher.start()
+    stack.push_async_callback(publisher.stop)
+    audit = AuditLog(publisher, settings.service)
+    await audit.start()
+    stack.push_async_callback(audit.stop)
+    return audit
 
 
 @asynccontextmanager

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 from litestar import Litestar
 
-import common.authn as authn
 from common.app import create_service_app
+from common.authn import SnapshotAuthenticator
 from common.http import upstream_client
-from common.lifespan import followed_internal_tokens
+from common.lifespan import audit_log, followed_internal_tokens
 from common.limits import RequestRateLimiter, TokenBudget
 from common.proxy import Hop
 from common.security import InternalTokens
@@ -35,7 +35,7 @@ AUTH_TIMEOUT = 2.0
 class FallbackDeps:
     service: str
     tokens: InternalTokens
-    auth: object  # authenticate(request) -> Identity
+    auth: SnapshotAuthenticator
     hops: dict[str, Hop]
     upstreams: dict[str, Upstream]
     requests: RequestRateLimiter
@@ -51,13 +51,6 @@ class FallbackDeps:
 
     def status(self) -> dict:
         return gateway_status(self.service, self.hops, self.cache, self.chat_path.chain)
-
-
-def _authenticator(settings: Settings, redis, client, tokens: InternalTokens, service: str):
-    snapshot = getattr(authn, "SnapshotAuthenticator", None)
-    if snapshot is not None:  # the identity kit's snapshot: keeps working while auth and Redis are down
-        return snapshot(redis, tokens, auth_client=client, service=service)
-    return authn.Authenticator(client, tokens, service)
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
@@ -79,10 +72,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
             stack.push_async_callback(auth_client.aclose)
             auth_redis = redis_client(settings)  # apart from the limits' and cache's pool, as in the primary
             stack.push_async_callback(auth_redis.aclose)
-            auth = _authenticator(settings, auth_redis, auth_client, tokens, service_name)
-            if hasattr(auth, "start"):
-                await auth.start()
-                stack.push_async_callback(auth.stop)
+            # the snapshot: keeps working while the auth service and Redis are down
+            auth = SnapshotAuthenticator(auth_redis, tokens, auth_client=auth_client, service=service_name,
+                                         issuer=settings.jwt_issuer, audience=settings.jwt_audience,
+                                         max_age=settings.auth_snapshot_max_age,
+                                         audit=await audit_log(settings, stack))
+            await auth.start()
+            stack.push_async_callback(auth.stop)
             cache = ResponseCache(redis, ttl=settings.cache_ttl, stale_ttl=settings.cache_stale_ttl,
                                   local_entries=settings.cache_local_entries)
             stack.push_async_callback(cache.drain)

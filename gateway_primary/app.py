@@ -13,7 +13,7 @@ from common.app import create_service_app
 from common.authn import Authenticator
 from common.contracts import API_ROUTES
 from common.http import upstream_client
-from common.lifespan import followed_internal_tokens
+from common.lifespan import audit_log, followed_internal_tokens
 from common.limits import RequestRateLimiter, TokenBudget
 from common.proxy import Hop
 from common.security import InternalTokens
@@ -82,9 +82,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
             # share a connection pool with the auth-change subscription and its markers
             auth_redis = redis_client(settings)
             stack.push_async_callback(auth_redis.aclose)
+            audit = await audit_log(settings, stack)
             auth = Authenticator(auth_client, tokens, service_name, auth_redis, issuer=settings.jwt_issuer,
                                  audience=settings.jwt_audience, cache_seconds=settings.auth_cache_seconds,
-                                 snapshot_max_age=settings.auth_snapshot_max_age)
+                                 snapshot_max_age=settings.auth_snapshot_max_age, audit=audit)
             await auth.start()
             stack.push_async_callback(auth.stop)
             app.state.deps = GatewayDeps(

@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import json
 import time
+import uuid
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -119,3 +120,28 @@ async def test_tokens_stop_when_their_key_is_revoked_or_their_user_disabled(http
     assert (await http.get("/v1/models", headers=bearer(other_token))).status_code == 200
     await http.post(f"/v1/users/{user_id}/disable", headers=admin_headers)
     await wait_until(lambda: refused(other_token), timeout=1.0, what="token of a disabled user refused")
+
+
+async def test_a_refused_jwt_is_audited_with_who_it_claimed_to_be_and_why(http, admin_headers):
+    """JWTs are verified on the gateways, never by the auth service, so the gateways audit their refusals."""
+    key, key_id = await new_key(http, admin_headers, await new_user(http, admin_headers))
+    first, second = [(await http.post("/v1/auth/token", headers=bearer(key))).json()["access_token"]
+                     for _ in range(2)]
+    forged = first.rsplit(".", 1)[0] + "." + second.rsplit(".", 1)[1]  # a real signature, of another token
+    refused = {}
+    for path, gateway in (("/v1/users/me", "gateway-identity"), ("/v1/models", "gateway-ai")):
+        request_id = f"jwt-refused-{uuid.uuid4().hex}"
+        resp = await http.get(path, headers={**bearer(forged), "x-request-id": request_id})
+        assert resp.status_code == 401
+        refused[request_id] = gateway
+
+    for request_id, gateway in refused.items():
+        async def audited() -> list[dict] | None:
+            resp = await http.get("/v1/auth/audit", params={"request_id": request_id}, headers=admin_headers)
+            return resp.json()["data"] or None
+
+        (row,) = await wait_until(audited, timeout=30, interval=0.3, what=f"{gateway} audits the refused JWT")
+        assert (row["action"], row["outcome"], row["actor"], row["target"]) == ("auth.failed", "denied", "anonymous",
+                                                                              key_id)
+        assert row["detail"]["via"] == "jwt" and row["detail"]["reason"] == "jwt_invalid"
+        assert row["detail"]["service"].startswith(gateway)  # gateway-ai or its second replica
