@@ -14,6 +14,7 @@ import time
 import uuid
 from collections import deque
 
+import msgspec
 from prometheus_client import Counter
 
 from common.contracts import AUDIT_TOPIC, AuditEvent
@@ -73,6 +74,11 @@ class AuditLog:
                 await self.publisher.publish(AUDIT_TOPIC, event.actor, event)
             except asyncio.CancelledError:
                 raise
+            except (msgspec.EncodeError, UnicodeEncodeError, TypeError) as exc:  # never sendable: never retried
+                log.error("audit event cannot be encoded; dropped", extra={"action": event.action, "error": repr(exc)})
+                AUDIT_DROPPED.labels(self.service, event.action).inc()
+                self._pending.popleft()
+                continue
             except Exception as exc:  # Kafka away: keep the event, try again
                 log.warning("audit publish failed, retrying", extra={"error": repr(exc)})
                 await asyncio.sleep(delay)

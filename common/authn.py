@@ -29,6 +29,7 @@ import contextlib
 import enum
 import hashlib
 import logging
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
@@ -382,20 +383,26 @@ async def verify_audited(verifier: JwtVerifier, token: str, changes: Mapping[str
         return identity
     except Refused as refused:
         if audit is not None:
-            claimed = _unverified_claims(token)
+            claimed = unverified_claims(token)
+            # the target is what the token claims, unverified (as for a refused API key's id)
             audit.record("auth.failed", actor="anonymous", target=claimed.get("akid") or claimed.get("sub"),
                          outcome="denied", detail={"via": "jwt", "reason": refused.reason, "service": service,
-                                                   "kid": claimed.get("kid") or ""})
+                                                   "kid": claimed.get("kid") or "", "target": "claimed"})
         raise
 
 
-def _unverified_claims(token: str) -> dict[str, str]:
-    """What a refused token claims (the attacker's words: kept short, never trusted)."""
+_CLAIMED = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def unverified_claims(token: str) -> dict[str, str]:
+    """What a refused token claims: the attacker's words, so only plain identifiers are kept (a NUL or a
+    lone surrogate would stall the audit pipeline), and never trusted."""
     try:
         claims = {**jwt.decode(token, options={"verify_signature": False}), **jwt.get_unverified_header(token)}
     except (jwt.PyJWTError, TypeError, ValueError):
         return {}
-    return {k: str(claims[k])[:64] for k in ("akid", "sub", "kid") if claims.get(k)}
+    return {k: v if _CLAIMED.fullmatch(v := str(claims[k])) else "<invalid>"
+            for k in ("akid", "sub", "kid") if claims.get(k)}
 
 
 # ---- the domain gateways' authenticator --------------------------------------------------------

@@ -17,10 +17,11 @@ import pytest
 from redis.asyncio import Redis
 
 from ai_support import eventually, new_user, register_model
+from identity_support import internal_tokens, wait_until
 from common.contracts import TurnEvent, UsageEvent
 from common.events import EventPublisher
 from common.openai_schema import Usage
-from services.chat.claims import IdempotencyClaims
+from services.chat.claims import IdempotencyClaims, redis_key
 from services.chat.history import DB_ERRORS, Conversations
 from services.chat.outbox import TurnOutbox
 from services.chat.schemas import HistoryTurn
@@ -32,6 +33,7 @@ SUFFIX = uuid.uuid4().hex[:6]
 ECHO = f"echo-{SUFFIX}"
 ECHO_SMALL = f"echo-small-{SUFFIX}"
 SLOW = f"slow-{SUFFIX}"
+LONG = f"long-{SUFFIX}"
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,9 @@ async def models(base_url, admin_headers):
         await register_model(http, admin_headers, id=ECHO_SMALL, context_length=80, **echo)
         await register_model(http, admin_headers, id=SLOW, context_length=4096, engine="synthetic",
                              params={"ttft_ms": 300, "itl_ms": 300, "tokens": 4})
-    return {"echo": ECHO, "small": ECHO_SMALL, "slow": SLOW}
+        await register_model(http, admin_headers, id=LONG, context_length=4096, engine="synthetic",
+                             params={"ttft_ms": 20, "itl_ms": 200, "tokens": 60})
+    return {"echo": ECHO, "small": ECHO_SMALL, "slow": SLOW, "long": LONG}
 
 
 @pytest.fixture(scope="module")
@@ -182,17 +186,18 @@ async def test_messages_are_read_in_pages_forwards_and_backwards(http, demo_head
     assert [m for page in backwards for m in page] == whole["data"][::-1]
 
 
-@pytest.mark.parametrize(("params", "param", "code"), [
-    ({"after": "not-a-message-id"}, "after", "invalid_cursor"),
-    ({"after": "turn_nobody_has.0"}, "after", "invalid_cursor"),
-    ({"limit": 0}, "limit", "invalid_value"),
-    ({"limit": 101}, "limit", "invalid_value"),
-    ({"order": "sideways"}, "order", "invalid_value"),
+@pytest.mark.parametrize(("params", "status", "param", "code"), [
+    ({"after": "not-a-message-id"}, 400, "after", "invalid_cursor"),
+    ({"after": "turn_nobody_has.0"}, 409, "after", "cursor_not_found"),  # maybe not stored yet: retryable
+    ({"limit": 0}, 400, "limit", "invalid_value"),
+    ({"limit": 101}, 400, "limit", "invalid_value"),
+    ({"order": "sideways"}, 400, "order", "invalid_value"),
 ])
-async def test_a_bad_messages_query_is_a_400_naming_the_parameter(http, demo_headers, models, params, param, code):
+async def test_a_bad_messages_query_is_refused_naming_the_parameter(http, demo_headers, models, params, status, param,
+                                                                   code):
     cid = await new_conversation(http, demo_headers)
     resp = await http.get(f"/v1/conversations/{cid}/messages", params=params, headers=demo_headers)
-    assert resp.status_code == 400, resp.text
+    assert resp.status_code == status, resp.text
     assert (resp.json()["error"]["param"], resp.json()["error"]["code"]) == (param, code)
 
 
@@ -340,14 +345,19 @@ async def test_a_key_another_chat_replica_holds_is_refused_while_answered_and_re
     body = {"model": "synthetic", "temperature": 0.7, "max_tokens": 8,
             "messages": [{"role": "user", "content": "Only once, across replicas."}]}
     redis = Redis(port=stack.config.port("redis"), socket_timeout=2, socket_connect_timeout=2)
-    other_replica = IdempotencyClaims(redis)
+    other_replica = IdempotencyClaims(redis, internal_tokens(stack, "chat"))
     answering, answered = f"idem-{uuid.uuid4().hex}", f"idem-{uuid.uuid4().hex}"
     try:
         assert await other_replica.claim(user_id, answering) is None
         busy = await http.post("/v1/chat/completions", json=body, headers={**headers, "Idempotency-Key": answering})
         assert busy.status_code == 409 and busy.json()["error"]["code"] == "idempotency_key_in_use"
         assert busy.headers["retry-after"] == "1"
-        await other_replica.release(user_id, answering)  # it failed there: the key may be answered here
+        other_replica.release(user_id, answering)  # it failed there: the key may be answered here
+
+        async def released() -> bool:
+            return not await redis.exists(redis_key(user_id, answering))
+
+        await wait_until(released, timeout=5, what="the other replica's claim released")
         fresh = await http.post("/v1/chat/completions", json=body, headers={**headers, "Idempotency-Key": answering})
         assert fresh.status_code == 200 and "x-dualgate-idempotent-replay" not in fresh.headers
 
@@ -365,6 +375,25 @@ async def test_a_key_another_chat_replica_holds_is_refused_while_answered_and_re
             assert "chatcmpl-other-replica" in text and "answered on the other replica" in text
     finally:
         await redis.aclose()
+
+
+async def test_a_stream_the_client_leaves_frees_its_idempotency_key_at_once(http, admin_headers, models):
+    """A client that gives up on a stream retries with the same key; it must not be told for minutes
+    that the abandoned answer is still being answered."""
+    _, api_key = await new_user(http, admin_headers)
+    headers = {"authorization": f"Bearer {api_key}", "Idempotency-Key": f"idem-{uuid.uuid4().hex}"}
+    body = {"model": models["long"], "stream": True, "messages": [{"role": "user", "content": "A long one."}]}
+    async with http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as resp:
+        assert resp.status_code == 200
+        async for line in resp.aiter_lines():
+            if line.startswith("data: "):
+                break  # the first chunk came: leave with the answer ~12 s from done
+
+    async def retry_is_answered() -> bool:
+        async with http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as retry:
+            return retry.status_code == 200  # 409 while the abandoned answer held the key
+
+    await wait_until(retry_is_answered, timeout=4, interval=0.2, what="the abandoned stream's key freed")
 
 
 async def test_the_same_idempotency_key_while_the_first_is_answering_is_a_409(http, demo_headers, models):

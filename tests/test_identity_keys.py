@@ -188,8 +188,6 @@ async def test_invalid_plans_are_400_naming_the_field(http, admin_headers, chang
     resp = await http.post("/v1/plans", json=body, headers=admin_headers)
     assert resp.status_code == 400 and resp.json()["error"]["type"] == "invalid_request_error", resp.text
     assert resp.json()["error"]["param"] == param
-    listed = (await http.get("/v1/plans", headers=admin_headers)).json()["data"]
-    assert body["name"] not in {p["name"] for p in listed}  # nothing half-made
 
 
 async def test_every_bad_credential_gets_the_same_401(http, admin_headers):

@@ -16,7 +16,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from common.authn import AuthChangeFeed, JwtVerifier, Verdict, judge
+from common.audit import AuditLog
+from common.authn import AuthChangeFeed, JwtVerifier, Verdict, unverified_claims, judge
 from common.contracts import AUTH_EPOCH_FIELD, AuthChange, KeyPrincipal, PlanLimits, SnapshotEntry
 from common.errors import ApiError
 from common.security import InternalTokens
@@ -235,3 +236,36 @@ async def test_a_kid_whose_key_was_replaced_verifies_with_the_new_key_after_one_
     assert (await verifier.verify(_signed(jwks.keys["1"], "1"))).principal.subject == "usr_alice"
     assert jwks.fetches == fetches + 1
     assert await _rejected(verifier, old_token)
+
+
+# ---- auditing refused JWTs: what an attacker writes must not stall the audit log -----------------
+
+def test_a_refused_tokens_claims_are_kept_only_as_plain_identifiers():
+    hostile = jwt.encode({"sub": "usr\x00evil", "akid": "\ud800"}, "k" * 32, algorithm="HS256", headers={"kid": "1"})
+    assert unverified_claims(hostile) == {"akid": "<invalid>", "sub": "<invalid>", "kid": "1"}
+    plain = jwt.encode({"sub": "usr_1", "akid": "0123456789abcdef"}, "k" * 32, algorithm="HS256",
+                       headers={"kid": "3"})
+    assert unverified_claims(plain) == {"akid": "0123456789abcdef", "sub": "usr_1", "kid": "3"}
+    assert unverified_claims("not.a.token") == {}
+
+
+async def test_an_audit_event_that_cannot_be_encoded_is_dropped_and_the_next_goes_out():
+    sent: list[bytes] = []
+
+    class Publisher:  # the log's one dependency, standing in for Kafka: encodes as EventPublisher does
+        connected = True
+
+        async def publish(self, topic: str, key: str, event: msgspec.Struct) -> None:
+            sent.append(msgspec.json.encode(event))
+
+    audit = AuditLog(Publisher(), "units")
+    await audit.start()
+    try:
+        audit.record("key.created", actor="usr_a", detail={"note": "\ud800"})  # cannot be encoded
+        audit.record("key.created", actor="usr_b")
+        deadline = time.monotonic() + 5
+        while not sent and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert [msgspec.json.decode(s)["actor"] for s in sent] == ["usr_b"]
+    finally:
+        await audit.stop(drain_seconds=0)

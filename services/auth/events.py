@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncpg
 import msgspec
 from aiokafka import ConsumerRecord
 
@@ -19,6 +20,9 @@ def audit_writer(store: AuditStore):
             event = _decoder.decode(record.value or b"")
         except msgspec.MsgspecError as exc:
             raise PoisonMessage(str(exc)) from None
-        await store.insert(event)
+        try:
+            await store.insert(event)
+        except asyncpg.DataError as exc:  # a value Postgres will never take (a NUL in text): not a retry
+            raise PoisonMessage(f"{type(exc).__name__}: {exc}") from None
 
     return handle

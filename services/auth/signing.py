@@ -103,7 +103,8 @@ class JwtSigner:
             # Vault holds another key under this version than the JWKS shows: a dev-mode Vault restarted
             # and made its keys anew. Learn (and publish) the new key before the token leaves, so every
             # gateway that refetches the JWKS on this token's failed signature finds the key.
-            await self._refresh()
+            self._fetched = -1e9  # stale now: the next versions() refreshes, once for every concurrent signer
+            await self.versions()
             if not self._verifies(latest, signing_input, signature):
                 raise VaultUnavailable(f"transit key v{latest} does not verify its own signature")
         return f"{signing_input.decode()}.{b64url(signature)}", now + ttl

@@ -83,7 +83,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 tokens=basics.tokens, store=store, conversation_store=conversation_store,
                 conversations=Conversations(conversation_store, store, outbox), inference=inference_http,
                 models=ModelResolver(models_http, basics.tokens, settings.model_cache_ttl), outbox=outbox,
-                tokenizers=Tokenizers(Path(settings.model_cache)), claims=IdempotencyClaims(redis))
+                tokenizers=Tokenizers(Path(settings.model_cache)), claims=IdempotencyClaims(redis, basics.tokens))
             yield
 
     def readiness(state):

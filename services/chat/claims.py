@@ -1,11 +1,13 @@
 """Idempotency-Key claims that every chat replica sees (Redis).
 
-While a replica answers a key, the key is claimed there; once answered, it holds the turn for
-ANSWERED_TTL, longer than the writer needs to persist it (the database is the record after that).
-A request with the same key that lands on another replica meanwhile (a gateway retry, a client
-retry through the Service) gets the 409 while the key is being answered and the replayed answer
-once there is one, never a second generation. Redis away or slow: the claim is this process's alone,
-as it would be with one replica.
+While a replica answers a key, the key is claimed there for CLAIM_TTL, renewed as the answer goes on,
+so a crashed replica or a request that vanished frees the key within CLAIM_TTL. Once answered, the key
+holds the turn (sealed with the internal-token key: whoever can write Redis cannot plant an answer)
+for ANSWERED_TTL, longer than the writer needs to persist it; the database is the record after that.
+A request with the same key that lands on another replica meanwhile (a gateway retry, a client retry
+through the Service) gets the 409 while the key is being answered and the replayed answer once there
+is one, never a second generation. Redis away or slow: the claim is this process's alone, as it would
+be with one replica.
 """
 
 from __future__ import annotations
@@ -22,15 +24,19 @@ from redis.exceptions import RedisError
 
 from common.contracts import TurnEvent
 from common.errors import ApiError
+from common.security import InternalTokens
 
 log = logging.getLogger(__name__)
 
-CLAIM_TTL = 600.0  # a claim whose request vanished without releasing it frees itself
+CLAIM_TTL = 30.0
+RENEW_AFTER = 10.0  # an answer still going renews its claim this often
 ANSWERED_TTL = 3600.0
 REDIS_TIMEOUT = 0.25  # a stalled Redis costs a keyed request this much, then the claim is local
 ANSWERING = b"answering:"
-# delete the claim only while it is still this request's: not once answered, not another's after expiry
+REDIS_ERRORS = (RedisError, OSError, TimeoutError)
+# only while the claim is still this request's: not once answered, not another's after it expired
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+_RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
 _turn = msgspec.json.Decoder(TurnEvent)
 
 
@@ -44,9 +50,11 @@ def redis_key(user_id: str, key: str) -> str:
 
 
 class IdempotencyClaims:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, tokens: InternalTokens) -> None:
         self.redis = redis
-        self._local: dict[tuple[str, str], tuple[float, bytes]] = {}  # (user, key) -> (claimed at, token)
+        self.tokens = tokens
+        self._local: dict[tuple[str, str], tuple[float, bytes]] = {}  # (user, key) -> (renewed at, token)
+        self._background: set[asyncio.Task] = set()
 
     async def claim(self, user_id: str, key: str) -> TurnEvent | None:
         """Claim the key for this request, or return the turn another replica answered it with.
@@ -61,34 +69,56 @@ class IdempotencyClaims:
             async with asyncio.timeout(REDIS_TIMEOUT):
                 found = await self.redis.set(redis_key(user_id, key), token, nx=True, get=True,
                                              px=int(CLAIM_TTL * 1000))
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_ERRORS as exc:
             log.warning("idempotency claim is local only", extra={"error": f"{type(exc).__name__}: {exc}"})
             return None
         if found is None:
             return None
-        del self._local[slot]
         if found.startswith(ANSWERING):
+            del self._local[slot]
             raise key_in_use()
-        return _turn.decode(found)
+        payload = self.tokens.unseal(found)
+        if payload is None:  # not sealed by a key we know: never replayed; this request answers it
+            log.warning("unsealed idempotency answer in redis ignored")
+            return None
+        del self._local[slot]
+        return _turn.decode(payload)
+
+    def keep(self, user_id: str, key: str) -> None:
+        """The answer is still going: renew the claim (at most every RENEW_AFTER; never waits)."""
+        slot = (user_id, key)
+        held = self._local.get(slot)
+        if held is None or time.monotonic() - held[0] < RENEW_AFTER:
+            return
+        self._local[slot] = (time.monotonic(), held[1])
+        self._in_background(self.redis.eval(_RENEW, 1, redis_key(user_id, key), held[1], int(CLAIM_TTL * 1000)))
 
     async def answered(self, turn: TurnEvent) -> None:
         """The key's answer is spooled here: other replicas replay it from now on."""
         self._local.pop((turn.user_id, turn.idempotency_key), None)
         try:
             async with asyncio.timeout(REDIS_TIMEOUT):
-                await self.redis.set(redis_key(turn.user_id, turn.idempotency_key), msgspec.json.encode(turn),
-                                     px=int(ANSWERED_TTL * 1000))
-        except (RedisError, OSError, TimeoutError) as exc:
+                await self.redis.set(redis_key(turn.user_id, turn.idempotency_key),
+                                     self.tokens.seal(msgspec.json.encode(turn)), px=int(ANSWERED_TTL * 1000))
+        except REDIS_ERRORS as exc:
             # the claim expires by itself; until the database has the turn another replica may answer again
             log.debug("answered idempotency key not shared", extra={"error": f"{type(exc).__name__}: {exc}"})
 
-    async def release(self, user_id: str, key: str) -> None:
-        """The request ended without an answer (or after `answered`): the key is free to try again."""
+    def release(self, user_id: str, key: str) -> None:
+        """The request ended without an answer: the key may be tried again. Never waits, so it runs in
+        the `finally` of a cancelled stream too (an await there would be cancelled again)."""
         held = self._local.pop((user_id, key), None)
-        if held is None:
-            return
-        try:
-            async with asyncio.timeout(REDIS_TIMEOUT):
-                await self.redis.eval(_RELEASE, 1, redis_key(user_id, key), held[1])
-        except (RedisError, OSError, TimeoutError) as exc:
-            log.debug("idempotency claim not released; it expires", extra={"error": f"{type(exc).__name__}: {exc}"})
+        if held is not None:
+            self._in_background(self.redis.eval(_RELEASE, 1, redis_key(user_id, key), held[1]))
+
+    def _in_background(self, call) -> None:
+        async def bounded() -> None:
+            try:
+                async with asyncio.timeout(REDIS_TIMEOUT * 4):
+                    await call
+            except REDIS_ERRORS as exc:  # the claim expires by itself
+                log.debug("idempotency claim not updated", extra={"error": f"{type(exc).__name__}: {exc}"})
+
+        task = asyncio.get_running_loop().create_task(bounded())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

@@ -111,7 +111,7 @@ async def chat_completion(request: Request, deps) -> Response | Stream:
         return await _aggregate(upstream, draft, deps, headers)
     finally:
         if slot and not handed_over:
-            await deps.claims.release(*slot)
+            deps.claims.release(*slot)
 
 
 def _request_hash(body: ChatCompletionRequest) -> str:
@@ -299,6 +299,8 @@ async def _relay(upstream: httpx.Response, turn: _TurnDraft, deps, include_usage
                 yield DONE
                 return
             chunk = turn.read(data)
+            if slot:
+                deps.claims.keep(*slot)
             if chunk.error is not None:
                 yield b"data: " + data + b"\n\n" + DONE
                 return
@@ -312,9 +314,9 @@ async def _relay(upstream: httpx.Response, turn: _TurnDraft, deps, include_usage
     except httpx.HTTPError:
         yield error_frame(_cut_error())
     finally:
+        if slot:  # first: a cancelled stream (the client left) cancels every await in here too
+            deps.claims.release(*slot)
         await finish(upstream, chunks if ended else None)
-        if slot:
-            await deps.claims.release(*slot)
 
 
 def _cut_error() -> ErrorEnvelope:
@@ -336,6 +338,8 @@ async def _aggregate(upstream: httpx.Response, turn: _TurnDraft, deps, headers: 
                 ended = True
                 break
             chunk = turn.read(data)
+            if turn.idempotency_key:
+                deps.claims.keep(turn.principal.subject, turn.idempotency_key)
             if chunk.error is not None:
                 raise ApiError(502, chunk.error.get("message", "Generation failed."), type="server_error",
                                code=chunk.error.get("code"))

@@ -84,7 +84,7 @@ async def list_messages(
         # every turn holds at least one message, so limit + 1 turns past the cursor's tell whether more follow
         turns = await conversations.page(conversation_id, start_turn, limit + 2, descending)
     except LookupError:
-        raise _bad_cursor(after) from None
+        raise _unknown_cursor(after) from None
     except DB_ERRORS:
         raise store_unavailable() from None
     messages: list[Message] = []
@@ -118,8 +118,15 @@ def _message_cursor(message_id: str) -> tuple[str, int]:
 
 
 def _bad_cursor(message_id: str) -> ApiError:
-    return ApiError(400, f"'{message_id}' is not a message of this conversation; pass the last_id of a page.",
+    return ApiError(400, f"'{message_id}' is not a message id; pass the last_id of a page.",
                     param="after", code="invalid_cursor")
+
+
+def _unknown_cursor(message_id: str) -> ApiError:
+    # a page another chat replica served may end on a turn it answered that is not stored yet
+    return ApiError(409, f"No message '{message_id}' in this conversation yet: a message just answered may not be "
+                         "stored yet; retry shortly.", param="after", code="cursor_not_found",
+                    headers={"Retry-After": "1"})
 
 
 route_handlers = [chat_completions, create_conversation, list_conversations, read_conversation,

@@ -54,7 +54,8 @@ class TurnStore:
                JOIN conversations c ON c.id = t.conversation_id WHERE c.deleted_at IS NOT NULL
                UNION
                SELECT t.turn_id FROM unnest($1::text[], $3::text[], $4::text[]) AS t(turn_id, user_id, key)
-               JOIN turns s ON s.user_id = t.user_id AND s.idempotency_key = t.key WHERE t.key <> ''""",
+               JOIN turns s ON s.user_id = t.user_id AND s.idempotency_key = t.key
+               WHERE t.key <> '' AND s.idempotency_key <> ''""",  # the second lets turns_idempotency serve it
             [t.turn_id for t in turns], [t.conversation_id for t in turns], [t.user_id for t in turns],
             [t.idempotency_key for t in turns])
         return {r["turn_id"] for r in rows}
@@ -87,11 +88,15 @@ class TurnStore:
                    descending: bool) -> list[HistoryTurn]:
         """Up to `limit` turns in (created_at, turn_id) order, from `start` on (that turn included)."""
         op, order = ("<=", "DESC") if descending else (">=", "ASC")
-        rows = await self.pool.fetch(
-            f"""SELECT turn_id, created_at, request_messages, assistant FROM turns
-                WHERE conversation_id = $1 AND ($2::timestamptz IS NULL OR (created_at, turn_id) {op} ($2, $3))
-                ORDER BY created_at {order}, turn_id {order} LIMIT $4""",
-            conversation_id, start and start[0], start and start[1], limit)
+        # two statements rather than `$2 IS NULL OR ...`: a prepared statement's generic plan could not
+        # use the cursor as an index bound and would read every page from the conversation's start
+        select = "SELECT turn_id, created_at, request_messages, assistant FROM turns WHERE conversation_id = $1"
+        ordered = f"ORDER BY created_at {order}, turn_id {order}"
+        if start is None:
+            rows = await self.pool.fetch(f"{select} {ordered} LIMIT $2", conversation_id, limit)
+        else:
+            rows = await self.pool.fetch(f"{select} AND (created_at, turn_id) {op} ($2, $3) {ordered} LIMIT $4",
+                                         conversation_id, start[0], start[1], limit)
         return [HistoryTurn(turn_id=r["turn_id"], created=r["created_at"].timestamp(),
                             messages=_messages.decode(r["request_messages"]), assistant=r["assistant"])
                 for r in rows]
