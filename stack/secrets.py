@@ -9,6 +9,11 @@
 - db: each service is asked (through Vault) to move to new dynamic credentials; it swaps its
   pool and revokes its old lease itself. The command waits until the old leases are gone.
 
+`dualgate secrets retire pepper` finishes a pepper rotation: it drops every version older than the
+current one that no live key's hash (nor a rotated key's previous secret in its grace window) still
+uses. Keys are re-hashed with the current pepper when used, so a version frees itself as its keys
+are used; one only unused keys hold stays until they are used or revoked.
+
 Runs with the stack's root token (operator credentials) and records new pepper / internal
 versions in the stack's credentials, so a restart of the in-memory Vault re-applies them.
 """
@@ -93,6 +98,50 @@ def rotate_versioned(client, config: StackConfig, creds, what: str) -> None:
     _say(f"{what}: {new} is current; {', '.join(v for v in kept if v != new) or 'no older version'} still verifies")
 
 
+def _version_number(version: str) -> int:
+    return int(version.removeprefix("v"))
+
+
+def pepper_versions_in_use(config: StackConfig) -> set[str]:
+    """The pepper versions live keys' hashes were made with (read from the auth database)."""
+    import psycopg
+
+    from stack.local import LocalStack
+
+    with psycopg.connect(LocalStack(config).admin_dsn("auth"), connect_timeout=5) as conn:
+        rows = conn.execute(
+            """SELECT pepper_version FROM api_keys WHERE revoked_at IS NULL
+               UNION
+               SELECT previous_pepper_version FROM api_keys
+               WHERE revoked_at IS NULL AND previous_pepper_version IS NOT NULL AND previous_expires_at > now()"""
+        ).fetchall()
+    return {version for (version,) in rows}
+
+
+def retire_pepper(client, config: StackConfig, creds) -> None:
+    from common.vault import KV_MOUNT, PEPPER_PATH
+    from stack.credentials import save
+
+    data: dict[str, str] = client.secrets.kv.v2.read_secret_version(
+        path=PEPPER_PATH, mount_point=KV_MOUNT, raise_on_deleted_version=True)["data"]["data"]
+    current = data["current"]
+    # newer than current: a rotation in progress publishes its version before it hashes anything
+    older = {v for v in data if v != "current" and _version_number(v) < _version_number(current)}
+    in_use = pepper_versions_in_use(config)
+    retired = sorted(older - in_use, key=_version_number)
+    held = sorted(older & in_use, key=_version_number)
+    if retired:
+        kept = {k: v for k, v in data.items() if k not in retired}
+        _write_versioned(client, PEPPER_PATH, kept)
+        _remember(creds, "pepper", kept)
+        save(config, creds)
+        _say(f"pepper: retired {', '.join(retired)}; no key can be verified with it any more")
+    if held:
+        _say(f"pepper: {', '.join(held)} still hash live keys, kept until those keys are used or revoked")
+    if not retired and not held:
+        _say(f"pepper: nothing to retire; {current} is the only version")
+
+
 def _remember(creds, what: str, data: dict[str, str]) -> None:
     if what == "pepper":
         creds.pepper = dict(data)
@@ -160,7 +209,9 @@ def main(args: argparse.Namespace) -> int:
     creds = msgspec.json.decode(config.credentials_file.read_bytes(), type=Credentials)
     client = _client(config, creds)
     try:
-        if args.kind == "jwt":
+        if args.secrets_command == "retire":
+            retire_pepper(client, config, creds)
+        elif args.kind == "jwt":
             rotate_jwt(client)
         elif args.kind in ("pepper", "internal"):
             rotate_versioned(client, config, creds, args.kind)
@@ -174,9 +225,12 @@ def main(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    cmd = sub.add_parser("secrets", help="rotate the platform's secrets without a failed request")
+    cmd = sub.add_parser("secrets", help="rotate (and retire) the platform's secrets without a failed request")
     secrets_sub = cmd.add_subparsers(dest="secrets_command", required=True)
     rotate = secrets_sub.add_parser("rotate", help="rotate one kind of secret")
     rotate.add_argument("kind", choices=["jwt", "pepper", "internal", "db"])
     rotate.add_argument("--service", choices=sorted(DATABASES), help="db only: just this service's credentials")
     rotate.set_defaults(func=main)
+    retire = secrets_sub.add_parser("retire", help="drop old secret versions nothing uses any more")
+    retire.add_argument("kind", choices=["pepper"])
+    retire.set_defaults(func=main, service=None)

@@ -16,10 +16,11 @@ import hvac.exceptions
 import jwt
 
 from common.settings import REPO_ROOT
-from common.vault import DATABASE_MOUNT, database_role, unix_time
+from common.vault import DATABASE_MOUNT, KV_MOUNT, PEPPER_PATH, database_role, unix_time
 from identity_support import bearer, current_creds, new_key, new_user, paused, vault_root, wait_until
 from stack.config import DATABASES
 from stack.local import LocalStack
+from stack.secrets import pepper_versions_in_use
 from stack.vault_bootstrap import write_database_role
 
 
@@ -175,6 +176,33 @@ async def test_rotating_every_secret_under_load_fails_no_request(http, admin_hea
 
 async def _at_least(load: Load, count: int) -> bool:
     return sum(load.counts.values()) >= count
+
+
+async def test_retiring_the_pepper_drops_the_versions_no_live_key_uses_and_keys_keep_working(
+        http, admin_headers, stack):
+    """The second half of a pepper rotation. After the rotation test above, keys made before it and
+    not used since still hold the previous version: it must stay, and only a version nothing uses goes."""
+    user_id = await new_user(http, admin_headers)
+    key, _ = await new_key(http, admin_headers, user_id)
+    vault = vault_root(stack)
+    pepper = vault.secrets.kv.v2.read_secret_version(PEPPER_PATH, mount_point=KV_MOUNT,
+                                                     raise_on_deleted_version=True)["data"]["data"]
+    # a version older than every other, that no key uses (as once every key it hashed has been used)
+    vault.secrets.kv.v2.create_or_update_secret(PEPPER_PATH, secret={**pepper, "v0": "00" * 32},
+                                                mount_point=KV_MOUNT)
+
+    done = await asyncio.to_thread(_cli, stack, "secrets", "retire", "pepper")
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    assert "retired v0" in done.stdout
+    after = vault.secrets.kv.v2.read_secret_version(PEPPER_PATH, mount_point=KV_MOUNT,
+                                                    raise_on_deleted_version=True)["data"]["data"]
+    assert "v0" not in after and after["current"] == pepper["current"]
+    in_use = await asyncio.to_thread(pepper_versions_in_use, stack.config)
+    assert in_use <= set(after)  # every version a live key's hash uses is still there, unchanged
+    assert all(pepper[version] == secret for version, secret in after.items())
+    assert current_creds(stack).pepper == after  # recorded, so a restarted Vault gets the same ring
+    for credential in (key, current_creds(stack).demo_key):
+        assert (await http.get("/v1/users/me", headers=bearer(credential))).status_code == 200
 
 
 async def test_a_service_renews_its_database_lease_and_moves_on_before_it_ends(http, admin_headers, stack):
