@@ -24,10 +24,6 @@ from fallback.chain import CachedAnswer, FallbackChain, LocalModel, ModelFallbac
 LIMITS_REDIS_TIMEOUT = 0.5
 
 
-def redis_client(settings: Settings) -> Redis:
-    return Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=0.5)
-
-
 def service_urls(settings: Settings) -> dict[str, str]:
     return {"chat": settings.chat_url, "models": settings.models_url, "auth": settings.auth_url,
             "users": settings.users_url, "inference": settings.inference_url}

@@ -16,6 +16,7 @@ from common.app import create_service_app
 from common.breaker import AsyncBreaker
 from common.http import upstream_client
 from common.limits import SyncedRateLimiter
+from common.redis_client import redis_client
 from common.settings import Settings
 from router.pools import GatewayConnections, GatewayPool, HealthChecker
 from router.routes import route_handlers
@@ -97,7 +98,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar):
         async with contextlib.AsyncExitStack() as stack:
-            redis = Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=0.5)
+            redis = redis_client(settings)
             stack.push_async_callback(redis.aclose)
             probe = upstream_client(settings, read_timeout=settings.health_timeout)
             stack.push_async_callback(probe.aclose)

@@ -71,7 +71,7 @@ def rotate_versioned(client, config: StackConfig, creds, what: str) -> None:
     data: dict[str, str] = resp["data"]["data"]
     current = data["current"]
     versions = [name for name in data if name != "current"]
-    new = f"v{max(int(v.removeprefix('v')) for v in versions) + 1}"
+    new = f"v{max(map(_version_number, versions)) + 1}"
     interval = _refresh_interval()
     keep = dict(data)
     if what == "internal":

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from litestar import Litestar
-from redis.asyncio import Redis
 
 from common.app import create_service_app
 from common.audit import AuditLog
@@ -21,6 +20,7 @@ from common.db import ping
 from common.events import EventPublisher, consume_forever
 from common.http import upstream_client
 from common.lifespan import service_basics
+from common.redis_client import redis_client
 from common.security import InternalTokens, hash_secret, parse_api_key
 from common.settings import Settings
 from common.vault import PEPPER_PATH, Vault, parse_versioned
@@ -78,7 +78,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             basics = await stack.enter_async_context(service_basics(settings, MIGRATIONS))
             users_http = await stack.enter_async_context(
                 upstream_client(settings, settings.users_url, read_timeout=2.0))
-            redis = Redis.from_url(settings.redis_url, socket_connect_timeout=0.5, socket_timeout=1.0)
+            redis = redis_client(settings)
             stack.push_async_callback(redis.aclose)
             publisher = EventPublisher(settings.kafka_bootstrap, client_id="auth")
             await publisher.start()

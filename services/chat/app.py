@@ -11,7 +11,6 @@ from pathlib import Path
 
 import httpx
 from litestar import Litestar
-from redis.asyncio import Redis
 
 from common.app import create_service_app
 from common.contracts import TURNS_TOPIC
@@ -19,6 +18,7 @@ from common.db import ping
 from common.events import EventPublisher, consume_forever
 from common.http import upstream_client
 from common.lifespan import service_basics
+from common.redis_client import redis_client
 from common.security import InternalTokens
 from common.settings import Settings
 from services.chat.claims import IdempotencyClaims
@@ -67,7 +67,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             publisher = EventPublisher(settings.kafka_bootstrap, client_id="chat")
             await publisher.start()
             stack.push_async_callback(publisher.stop)
-            redis = Redis.from_url(settings.redis_url, socket_connect_timeout=0.5, socket_timeout=1.0)
+            redis = redis_client(settings)
             stack.push_async_callback(redis.aclose)
             store = TurnStore(basics.pool)
             outbox = TurnOutbox(Path(settings.spool_dir) / f"{settings.service}-{settings.port}", publisher,

@@ -33,7 +33,7 @@ RENEW_AFTER = 10.0  # an answer still going renews its claim this often
 ANSWERED_TTL = 3600.0
 REDIS_TIMEOUT = 0.25  # a stalled Redis costs a keyed request this much, then the claim is local
 ANSWERING = b"answering:"
-REDIS_ERRORS = (RedisError, OSError, TimeoutError)
+REDIS_ERRORS = (RedisError, OSError)  # builtin TimeoutError (asyncio.timeout) is an OSError
 # only while the claim is still this request's: not once answered, not another's after it expired
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 _RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
