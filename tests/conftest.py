@@ -16,6 +16,13 @@ from stack.local import LocalStack
 TEST_PORT_OFFSET = int(os.environ.get("DUALGATE_TEST_PORT_OFFSET", "1000"))
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_itemcollected(item: pytest.Item) -> None:
+    # `-m "not stack"` is the in-process tier: every test that needs the running platform says so
+    if "stack" in getattr(item, "fixturenames", ()):
+        item.add_marker(pytest.mark.stack)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # the embedded broker (Tansu 0.6, memory engine) restarted under connected clients refuses produces
