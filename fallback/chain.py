@@ -28,7 +28,7 @@ import httpx
 import msgspec
 
 from common.app import freeze_long_lived_objects
-from common.authn import Identity
+from gateway.authn import Identity
 from common.contracts import ModelRecord
 from common.engines.base import GenerationRequest
 from common.engines.render import completion, sse_chunks

@@ -22,7 +22,7 @@ import msgspec
 from litestar import Request, Response
 from litestar.response import Stream
 
-from common.authn import Identity
+from gateway.authn import Identity
 from common.errors import ApiError, decode_body
 from common.http import finish
 from common.limits import KeyRate, Reservation, TokenBudget, rate_headers, retry_after

@@ -11,7 +11,7 @@ import httpx
 from litestar import Request, Response
 from litestar.response import Stream
 
-from common.authn import Identity
+from gateway.authn import Identity
 from common.http import forward_headers
 from common.errors import ApiError
 from common.limits import KeyRate, RateDecision, RequestRateLimiter, rate_headers, retry_after

@@ -1,6 +1,6 @@
 """The fallback gateway: what answers, for both domains, when a domain gateway cannot.
 
-Authentication comes from the auth snapshot (`common.authn.SnapshotAuthenticator`: Redis mirrored
+Authentication comes from the auth snapshot (`gateway.authn.SnapshotAuthenticator`: Redis mirrored
 in process memory, obeying revocations) when the kit provides it; until then from introspection
 with the same `authenticate(request) -> Identity` interface. Limits are conservative (a share of
 each plan) and still exact across replicas while Redis answers.
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from litestar import Litestar
 
 from common.app import create_service_app
-from common.authn import SnapshotAuthenticator
+from gateway.authn import SnapshotAuthenticator
 from common.http import upstream_client
 from common.lifespan import audit_log, followed_internal_tokens
 from common.limits import RequestRateLimiter, TokenBudget

@@ -10,7 +10,7 @@ import msgspec
 from litestar import Litestar
 
 from common.app import create_service_app
-from common.authn import Authenticator
+from gateway.authn import KeyAuthenticator
 from common.contracts import API_ROUTES
 from common.http import upstream_client
 from common.lifespan import audit_log, followed_internal_tokens
@@ -33,7 +33,7 @@ class GatewayDeps:
     service: str
     domain: str
     tokens: InternalTokens
-    auth: Authenticator
+    auth: KeyAuthenticator
     hops: dict[str, Hop]
     upstreams: dict[str, Upstream]
     requests: RequestRateLimiter
@@ -84,7 +84,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             auth_redis = redis_client(settings)
             stack.push_async_callback(auth_redis.aclose)
             audit = await audit_log(settings, stack)
-            auth = Authenticator(auth_client, tokens, service_name, auth_redis, issuer=settings.jwt_issuer,
+            auth = KeyAuthenticator(auth_client, tokens, service_name, auth_redis, issuer=settings.jwt_issuer,
                                  audience=settings.jwt_audience, cache_seconds=settings.auth_cache_seconds,
                                  snapshot_max_age=settings.auth_snapshot_max_age, audit=audit)
             await auth.start()

@@ -8,7 +8,7 @@ from litestar import HttpMethod, Request, Response, get, route
 from litestar.datastructures import State
 from litestar.response import Stream
 
-from common.authn import Identity
+from gateway.authn import Identity
 from common.contracts import route_of
 from common.errors import ApiError, not_found
 from common.metrics import stage_done

@@ -21,7 +21,7 @@ from litestar import Litestar, Request, post
 from litestar.datastructures import State
 from redis.asyncio import Redis
 
-from common.authn import Identity
+from gateway.authn import Identity
 from common.breaker import AsyncBreaker
 from common.contracts import PlanLimits
 from common.errors import EXCEPTION_HANDLERS

@@ -13,7 +13,7 @@ import httpx
 import msgspec
 import pytest
 
-from common.authn import Authenticator, SnapshotAuthenticator, seal_entry, unseal_entry
+from gateway.authn import KeyAuthenticator, SnapshotAuthenticator, seal_entry, unseal_entry
 from common.contracts import AUTH_SNAPSHOT
 from common.errors import ApiError
 from identity_support import bearer, internal_tokens, new_key, new_user, paused, redis_client, wait_until
@@ -223,7 +223,7 @@ async def test_with_auth_unreachable_a_gateway_keeps_a_key_it_checked_even_when_
     key, key_id = await new_key(http, admin_headers, user_id)
     redis = redis_client(stack)
     auth = httpx.AsyncClient(base_url=stack.config.url("auth"), timeout=2)
-    authenticator = Authenticator(auth, internal_tokens(stack, "gateway-ai"), "gateway-ai", redis, cache_seconds=0.2)
+    authenticator = KeyAuthenticator(auth, internal_tokens(stack, "gateway-ai"), "gateway-ai", redis, cache_seconds=0.2)
     await authenticator.start()
     try:
         await wait_until(lambda: _true(authenticator._subscribed), timeout=5, what="subscribed")

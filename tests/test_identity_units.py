@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from common.audit import AuditLog
-from common.authn import AuthChangeFeed, JwtVerifier, Verdict, unverified_claims, judge
+from gateway.authn import AuthChangeFeed, JwtVerifier, Verdict, unverified_claims, judge
 from common.contracts import AUTH_EPOCH_FIELD, AuthChange, KeyPrincipal, PlanLimits, SnapshotEntry
 from common.errors import ApiError
 from common.security import InternalTokens

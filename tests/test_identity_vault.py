@@ -12,7 +12,7 @@ import hvac.exceptions
 import psycopg
 import pytest
 
-from common.authn import SnapshotAuthenticator
+from gateway.authn import SnapshotAuthenticator
 from common.db import with_credentials
 from common.vault import DATABASE_MOUNT, INTERNAL_KEYS_PATH, JWT_TRANSIT_KEY, PEPPER_PATH, database_role
 from identity_support import bearer, current_creds, internal_tokens, redis_client, vault_root, wait_until

@@ -24,19 +24,8 @@ is told), and the Lua scripts in `lua/`.
 from common.limits.budget import LocalTokenBudget, TokenBudget
 from common.limits.decisions import Admission, BudgetDecision, RateDecision, Reservation
 from common.limits.headers import rate_headers, retry_after
-from common.limits.rates import (
-           KeyRate,
-           LocalRateLimiter,
-           RequestRateLimiter,
-           SyncedRateLimiter,
-           rate_decision,
-)
-from common.limits.redis_calls import (
-           REDIS_COOLDOWN,
-           REDIS_TIMEOUT,
-           RedisCalls,
-           RedisUnavailable,
-)
+from common.limits.rates import KeyRate, LocalRateLimiter, RequestRateLimiter, SyncedRateLimiter, rate_decision
+from common.limits.redis_calls import REDIS_COOLDOWN, REDIS_TIMEOUT, RedisCalls, RedisUnavailable
 
 __all__ = ["REDIS_COOLDOWN", "REDIS_TIMEOUT", "Admission", "BudgetDecision", "KeyRate", "LocalRateLimiter",
            "LocalTokenBudget", "RateDecision", "RedisCalls", "RedisUnavailable", "RequestRateLimiter",

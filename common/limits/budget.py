@@ -20,13 +20,7 @@ from redis.asyncio import Redis
 
 from common.limits.decisions import Admission, BudgetDecision, Reservation
 from common.limits.rates import KeyRate, local_share, rate_decision
-from common.limits.redis_calls import (
-    REDIS_COOLDOWN,
-    REDIS_TIMEOUT,
-    RedisCalls,
-    RedisUnavailable,
-    lua,
-)
+from common.limits.redis_calls import REDIS_COOLDOWN, REDIS_TIMEOUT, RedisCalls, RedisUnavailable, lua
 
 DAY = 86_400
 KEY_GRACE = 3_600  # a day's budget keys outlive midnight this long, so late settles still land

@@ -18,13 +18,7 @@ import msgspec
 from redis.asyncio import Redis
 
 from common.limits.decisions import RateDecision
-from common.limits.redis_calls import (
-    REDIS_COOLDOWN,
-    REDIS_TIMEOUT,
-    RedisCalls,
-    RedisUnavailable,
-    lua,
-)
+from common.limits.redis_calls import REDIS_COOLDOWN, REDIS_TIMEOUT, RedisCalls, RedisUnavailable, lua
 
 log = logging.getLogger("common.limits")
 
