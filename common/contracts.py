@@ -9,6 +9,18 @@ import msgspec
 
 from common.openai_schema import EngineSpec, Usage
 
+# Wire headers every hop agrees on: one spelling, here.
+REQUEST_ID_HEADER = "x-request-id"
+TRACEPARENT_HEADER = "traceparent"
+IDEMPOTENCY_HEADER = "idempotency-key"
+DEGRADED_HEADER = "x-dualgate-degraded"  # a fallback layer's answer (or flagged refusal): which layer
+ROUTE_HEADER = "x-dualgate-route"  # which gateway pool answered: ai, identity or fallback
+UPSTREAM_HEADER = "x-dualgate-upstream"  # on an upstream's own error answer a gateway passes on
+CACHE_HEADER = "x-cache"  # hit | miss, on cacheable chat answers
+REPLAY_HEADER = "x-dualgate-idempotent-replay"  # an answer replayed for its Idempotency-Key
+TURN_HEADER = "x-dualgate-turn-id"
+CONVERSATION_HEADER = "x-dualgate-conversation-id"
+
 TURNS_TOPIC = "chat.turns.v1"
 USAGE_TOPIC = "usage.events.v1"
 AUDIT_TOPIC = "audit.events.v1"

@@ -33,9 +33,9 @@ from common.contracts import ModelRecord
 from common.engines.base import GenerationRequest
 from common.engines.render import completion, sse_chunks
 from common.openai_schema import ChatCompletionRequest, EngineSpec, InferenceRequest, StreamOptions
-from common.proxy import Hop, UpstreamUnavailable
+from gateway.proxy import Hop, UpstreamUnavailable
 from common.security import InternalTokens, service_principal
-from fallback.cache import CacheEntry, ResponseCache
+from gateway.cache import CacheEntry, ResponseCache
 
 if TYPE_CHECKING:
     from common.engines.cpu import CpuEngine

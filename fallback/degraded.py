@@ -2,10 +2,10 @@ from __future__ import annotations
 
 from litestar import Response
 
+from common.contracts import DEGRADED_HEADER
 from common.errors import ErrorBody, ErrorEnvelope, error_response
 from common.metrics import FALLBACKS
 
-DEGRADED_HEADER = "x-dualgate-degraded"
 RETRY_AFTER_SECONDS = 5
 
 

@@ -15,14 +15,14 @@ from common.contracts import API_ROUTES
 from common.http import upstream_client
 from common.lifespan import audit_log, followed_internal_tokens
 from common.limits import RequestRateLimiter, TokenBudget
-from common.proxy import Hop
+from gateway.proxy import Hop
 from common.redis_client import redis_client
 from common.security import InternalTokens
 from common.settings import Settings
-from fallback.cache import LastKnown, ResponseCache
-from fallback.chatpath import ChatPath
-from fallback.forward import Upstream
-from fallback.wiring import LIMITS_REDIS_TIMEOUT, build_chain, build_hops, gateway_status
+from gateway.cache import LastKnown, ResponseCache
+from gateway.chatpath import ChatPath
+from gateway.forward import Upstream
+from gateway.wiring import LIMITS_REDIS_TIMEOUT, build_chain, build_hops, gateway_status
 from gateway_primary.routes import route_handlers
 
 AUTH_TIMEOUT = 2.0  # an introspection that takes longer is a failure, not a wait

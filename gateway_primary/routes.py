@@ -12,9 +12,9 @@ from gateway.authn import Identity
 from common.contracts import route_of
 from common.errors import ApiError, not_found
 from common.metrics import stage_done
-from common.proxy import request_body_too_large
+from gateway.proxy import request_body_too_large
 from common.security import service_principal
-from fallback.forward import admit, forward_to, key_rate
+from gateway.forward import admit, forward_to, key_rate
 
 # answered without credentials: public key material
 PUBLIC_PATHS = frozenset({"/.well-known/jwks.json"})

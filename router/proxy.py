@@ -24,15 +24,13 @@ from litestar.handlers import asgi
 from litestar.types import Receive, Scope, Send
 
 from common.breaker import BreakerOpen
-from common.contracts import route_of
+from common.contracts import DEGRADED_HEADER, ROUTE_HEADER, UPSTREAM_HEADER, route_of
 from common.errors import ApiError, not_found
 from common.http import HOP_HEADERS
 from common.limits import rate_headers, retry_after
 from common.logging import request_id_var, trace_id_var
 from common.metrics import FAILOVERS, FALLBACKS, RATE_LIMITED
-from common.proxy import UPSTREAM_HEADER
 from common.sse import error_event
-from fallback import DEGRADED_HEADER
 from router.pools import GatewayPool, Member, MemberDown
 
 if TYPE_CHECKING:
@@ -40,7 +38,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ROUTE_HEADER = "x-dualgate-route"
 TRUSTED_PROXIES = frozenset({"127.0.0.1", "::1"})
 SMALL_BODY = 65_536  # whole answers up to this size are passed on whole
 _DROP_REQUEST = frozenset(h.encode() for h in HOP_HEADERS)
@@ -48,6 +45,7 @@ _DROP_RESPONSE = frozenset(h.encode() for h in HOP_HEADERS) | {b"content-length"
                                                               b"x-request-id"}
 _encoder = msgspec.json.Encoder()
 _DEGRADED = DEGRADED_HEADER.encode()
+_ROUTE = ROUTE_HEADER.encode()
 _SSE = b"text/event-stream"
 
 
@@ -230,7 +228,7 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
 
 async def _relay(upstream: httpx.Response, route: str, receive: Receive, send: Send) -> None:
     headers = [(name.lower(), value) for name, value in upstream.headers.raw if name.lower() not in _DROP_RESPONSE]
-    headers.append((b"x-dualgate-route", route.encode()))
+    headers.append((_ROUTE, route.encode()))
     content_type = upstream.headers.get("content-type", "").encode()
     length = upstream.headers.get("content-length")
     try:

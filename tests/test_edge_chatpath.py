@@ -27,14 +27,14 @@ from common.contracts import PlanLimits
 from common.errors import EXCEPTION_HANDLERS
 from common.limits import RequestRateLimiter, TokenBudget
 from common.openai_schema import ChatCompletionRequest
-from common.proxy import Hop, RetryBudget, UpstreamUnavailable
+from gateway.proxy import Hop, RetryBudget, UpstreamUnavailable
 from common.security import InternalTokens, Principal
 from common.sse import StreamTap
 from edge_support import eventually, sse_body, valkey_server
-from fallback.cache import CacheEntry, ResponseCache
+from gateway.cache import CacheEntry, ResponseCache
 from fallback.chain import CachedAnswer, ChainRequest, FallbackChain, LocalModel, SimplifiedModel
-from fallback.chatpath import ChatPath
-from fallback.forward import key_rate
+from gateway.chatpath import ChatPath
+from gateway.forward import key_rate
 
 MODEL = "synthetic"
 

@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from common.audit import AuditLog
-from common.contracts import AUTH_SNAPSHOT, IntrospectRequest, KeyPrincipal, SnapshotEntry
+from common.contracts import AUTH_SNAPSHOT, DEGRADED_HEADER, IntrospectRequest, KeyPrincipal, SnapshotEntry
 from common.errors import ApiError, unavailable
 from common.security import InternalTokens, bearer_token, looks_like_jwt, parse_api_key, service_principal
 from gateway.authn.changes import AuthChangeFeed, fetch_auth_changes
@@ -40,7 +40,7 @@ def _cannot_verify() -> ApiError:
     called invalid either (it may be a good key this gateway has not seen): a flagged, retryable 503."""
     error = unavailable("Authentication is temporarily unavailable for this key; retry shortly.",
                         code="auth_unavailable")
-    error.headers["x-dualgate-degraded"] = "degraded"
+    error.headers[DEGRADED_HEADER] = "degraded"
     return error
 
 

@@ -22,7 +22,10 @@ import msgspec
 from litestar import Request, Response
 from litestar.response import Stream
 
-from common.contracts import ModelRecord, TurnEvent, UsageEvent
+from common.contracts import (
+    CONVERSATION_HEADER, DEGRADED_HEADER, IDEMPOTENCY_HEADER, REPLAY_HEADER, TURN_HEADER, ModelRecord, TurnEvent,
+    UsageEvent,
+)
 from common.errors import ApiError, ErrorBody, ErrorEnvelope, decode_body, unavailable
 from common.http import finish
 from common.logging import request_id_var
@@ -40,11 +43,6 @@ from services.chat.schemas import Conversation, HistoryTurn, StreamPeek
 log = logging.getLogger(__name__)
 
 AUDIENCE = "chat"
-IDEMPOTENCY_HEADER = "idempotency-key"
-REPLAY_HEADER = "x-dualgate-idempotent-replay"
-DEGRADED_HEADER = "x-dualgate-degraded"
-TURN_HEADER = "x-dualgate-turn-id"
-CONVERSATION_HEADER = "x-dualgate-conversation-id"
 DEFAULT_MAX_TOKENS = 256
 MAX_IDEMPOTENCY_KEY = 255
 

@@ -16,10 +16,11 @@ from common.http import forward_headers
 from common.errors import ApiError
 from common.limits import KeyRate, RateDecision, RequestRateLimiter, rate_headers, retry_after
 from common.metrics import FALLBACKS, RATE_LIMITED
-from common.proxy import UPSTREAM_HEADER, Hop, UpstreamUnavailable, may_retry, relay_response, response_headers
+from gateway.proxy import Hop, UpstreamUnavailable, may_retry, relay_response, response_headers
 from common.security import INTERNAL_TOKEN_HEADER, InternalTokens
-from fallback.cache import LastKnown
-from fallback.degraded import DEGRADED_HEADER, degraded_response
+from gateway.cache import LastKnown
+from common.contracts import DEGRADED_HEADER, UPSTREAM_HEADER
+from fallback.degraded import degraded_response
 
 log = logging.getLogger(__name__)
 

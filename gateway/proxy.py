@@ -22,7 +22,6 @@ from common.http import HOP_HEADERS, relay
 # Response headers that describe the upstream's framing, not the content.
 _RESPONSE_DROP = HOP_HEADERS | {"content-length", "date", "server", "x-request-id"}
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-UPSTREAM_HEADER = "x-dualgate-upstream"  # on an upstream's own error answer a gateway passes on
 _MAX_ERROR_BODY = 65_536
 
 

@@ -10,10 +10,10 @@ from redis.asyncio import Redis
 from common.breaker import AsyncBreaker
 from common.http import upstream_client
 from common.metrics import FALLBACKS
-from common.proxy import Hop, RetryBudget
+from gateway.proxy import Hop, RetryBudget
 from common.security import InternalTokens
 from common.settings import Settings
-from fallback.cache import ResponseCache
+from gateway.cache import ResponseCache
 from fallback.chain import CachedAnswer, FallbackChain, LocalModel, ModelFallback, SimplifiedModel
 
 

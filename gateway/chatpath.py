@@ -28,12 +28,13 @@ from common.http import finish
 from common.limits import KeyRate, Reservation, TokenBudget, rate_headers, retry_after
 from common.metrics import CACHE_HITS, CACHE_MISSES, FALLBACKS, RATE_LIMITED, stage_done
 from common.openai_schema import ChatCompletionRequest, Usage
-from common.proxy import Hop, UpstreamUnavailable, response_headers
+from gateway.proxy import Hop, UpstreamUnavailable, response_headers
 from common.sse import SSE_HEADERS, StreamTap, error_event
-from fallback.cache import CacheEntry, ResponseCache, cache_key
+from gateway.cache import CacheEntry, ResponseCache, cache_key
 from fallback.chain import ChainRequest, FallbackChain, FromCache, upstream_body
-from fallback.degraded import DEGRADED_HEADER, degraded_response
-from fallback.forward import admit, read_body, refused
+from common.contracts import DEGRADED_HEADER
+from fallback.degraded import degraded_response
+from gateway.forward import admit, read_body, refused
 
 log = logging.getLogger(__name__)
 
