@@ -15,7 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
 from services.inference.testing.fake_sglang_worker import FakeSglangWorker
-from stack.bench import SYNTHETIC, TOKEN_STAMP, StreamedAnswer, layers, stage_totals
+from stack.bench.client import SYNTHETIC, TOKEN_STAMP, StreamedAnswer
+from stack.bench.layers import layers
+from stack.bench.overhead import stage_totals
 from stack.config import GATEWAYS, SERVICES
 from stack.servers import free_port
 

@@ -60,7 +60,7 @@ def test_the_router_takes_wire_names_from_the_contracts():
 
 # `bench routing` drives the inference service's in-process SGLang worker pool and its fake workers;
 # issue 18 replaces that pool with sglang-router, and the benchmark with one over HTTP
-STACK_EXCEPTIONS = {"stack/bench_engines.py"}
+STACK_EXCEPTIONS = {"stack/bench/engines.py"}
 
 
 def test_the_stack_reaches_services_over_http_or_through_the_kits():

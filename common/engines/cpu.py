@@ -18,7 +18,6 @@ import fcntl
 import functools
 import importlib.util
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -37,7 +36,7 @@ from common.metrics import ENGINE_BATCH_SIZE, ENGINE_CANCELLED
 from common.engines.base import EngineBusy, Finished, GenerationRequest, TokenDelta
 
 __all__ = ["CpuEngine", "EngineBusy", "EngineStopped", "Finished", "GenerationRequest", "TokenDelta",
-           "default_gguf_path", "measure_throughput"]
+           "default_gguf_path"]
 
 log = logging.getLogger(__name__)
 
@@ -491,34 +490,3 @@ def _stop_prefix_length(text: str, stops: list[str]) -> int:
                 longest = k
                 break
     return longest
-
-
-async def measure_throughput(engine: CpuEngine, concurrency: int, max_tokens: int) -> dict:
-    """Run `concurrency` greedy generations at once; aggregate completion tokens/s and TTFT percentiles."""
-    topics = ("the sea", "a lighthouse keeper", "a city at night", "a long train journey", "an old library",
-              "a mountain village", "a robot gardener", "a winter market")
-
-    async def one(i: int) -> tuple[float, int]:
-        request = GenerationRequest(
-            messages=[{"role": "user", "content": f"Write a long, detailed story about {topics[i % len(topics)]}."}],
-            max_tokens=max_tokens, temperature=0.0)
-        started = time.perf_counter()
-        ttft = math.nan
-        async for event in engine.generate(request):
-            if isinstance(event, TokenDelta) and math.isnan(ttft):
-                ttft = time.perf_counter() - started
-            elif isinstance(event, Finished):
-                return ttft, event.completion_tokens
-        raise RuntimeError("generation ended without Finished")
-
-    started = time.perf_counter()
-    results = await asyncio.gather(*(one(i) for i in range(concurrency)))
-    elapsed = time.perf_counter() - started
-    ttfts = sorted(ttft for ttft, _ in results if not math.isnan(ttft))
-    tokens = sum(n for _, n in results)
-
-    def percentile(p: float) -> float:
-        return ttfts[max(0, math.ceil(p * len(ttfts)) - 1)] if ttfts else math.nan
-
-    return {"concurrency": concurrency, "completion_tokens": tokens, "elapsed_s": elapsed,
-            "tokens_per_s": tokens / elapsed, "ttft_p50_s": percentile(0.50), "ttft_p95_s": percentile(0.95)}

@@ -86,7 +86,7 @@ async def compare(url: str, requests: int, concurrency: int, rounds: int) -> dic
 def transport_main(args: argparse.Namespace) -> int:
     console = Console()
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "uvicorn", "stack.bench_transport:upstream", "--port", str(port),
+    server = subprocess.Popen([sys.executable, "-m", "uvicorn", "stack.bench.transport:upstream", "--port", str(port),
                                "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"])
     try:
         try:
