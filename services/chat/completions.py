@@ -24,6 +24,7 @@ from litestar.response import Stream
 
 from common.contracts import ModelRecord, TurnEvent, UsageEvent
 from common.errors import ApiError, ErrorBody, ErrorEnvelope, decode_body, unavailable
+from common.idempotency import idempotency_key
 from common.http import finish
 from common.logging import request_id_var
 from common.metrics import FALLBACKS, stage_done
@@ -40,13 +41,11 @@ from services.chat.schemas import Conversation, HistoryTurn, StreamPeek
 log = logging.getLogger(__name__)
 
 AUDIENCE = "chat"
-IDEMPOTENCY_HEADER = "idempotency-key"
 REPLAY_HEADER = "x-dualgate-idempotent-replay"
 DEGRADED_HEADER = "x-dualgate-degraded"
 TURN_HEADER = "x-dualgate-turn-id"
 CONVERSATION_HEADER = "x-dualgate-conversation-id"
 DEFAULT_MAX_TOKENS = 256
-MAX_IDEMPOTENCY_KEY = 255
 
 _peek = msgspec.json.Decoder(StreamPeek)
 _error = msgspec.json.Decoder(ErrorEnvelope)
@@ -66,7 +65,7 @@ async def chat_completion(request: Request, deps) -> Response | Stream:
     started = time.perf_counter()
     principal = deps.tokens.principal_from(request, AUDIENCE)
     body: ChatCompletionRequest = decode_body(await request.body(), ChatCompletionRequest)
-    key = _idempotency_key(request)
+    key = idempotency_key(request)
     request_hash = _request_hash(body) if key else ""
     slot = (principal.subject, key) if key else None
     if slot:
@@ -118,17 +117,6 @@ def _request_hash(body: ChatCompletionRequest) -> str:
     """What the request asks, whatever its delivery: a stored answer replays streamed or not."""
     asked = msgspec.structs.replace(body, stream=False, stream_options=None)
     return hashlib.sha256(msgspec.json.encode(asked)).hexdigest()
-
-
-def _idempotency_key(request: Request) -> str | None:
-    key = request.headers.get(IDEMPOTENCY_HEADER)
-    if key is None:
-        return None
-    key = key.strip()
-    if not key or len(key) > MAX_IDEMPOTENCY_KEY or not key.isprintable():
-        raise ApiError(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable characters.",
-                       param="Idempotency-Key", code="invalid_value")
-    return key
 
 
 async def _stored_turn(deps, user_id: str, key: str) -> TurnEvent | None:
