@@ -62,7 +62,7 @@ async def test_a_chat_message_postgres_cannot_store_is_a_400_and_no_turn(http, a
     good = await http.post("/v1/chat/completions", json=chat([{"role": "user", "content": "fine"}]), headers=headers)
     assert good.status_code == 200, good.text
     turn_id = good.headers["x-dualgate-turn-id"]
-    await eventually(lambda: stored_turns(stack, user_id), timeout=30, what="the good turn stored")
+    await eventually(lambda: stored_turns(stack, user_id), timeout=60, what="the good turn stored")
     assert stored_turns(stack, user_id) == [turn_id]
 
 
