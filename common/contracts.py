@@ -94,7 +94,8 @@ class KeyPrincipal(msgspec.Struct, kw_only=True):
 # (`marker_field(change)` -> AuthChange JSON):
 #   "key:<key id>"      key_revoked   the key never passes again
 #   "user:<user id>"    user_disabled none of the user's keys or tokens pass (removed on user_enabled)
-#   "rotated:<key id>"  key_rotated   secrets of `generation` pass; generation - 1 until `grace_until`
+#   "rotated:<key id>"  key_rotated   secrets of `generation` pass; generation - 1 until `grace_until`,
+#                                     older ones until their `older_grace`
 #   "plan:<user id>"    plan_changed  cached principals older than `at` carry a stale plan
 # and then publishes it on AUTH_CHANNEL. Gateways load the hash whenever they (re)subscribe and
 # judge every cached principal against it, so a missed message cannot let a revoked key through.
@@ -117,6 +118,9 @@ class AuthChange(msgspec.Struct, kw_only=True):
     at: float = 0.0
     generation: int | None = None  # key_rotated: the key's new secret generation
     grace_until: float | None = None  # key_rotated: when the previous secret stops working
+    # key_rotated: generation -> when it stops, for each secret older than the previous one still in its
+    # grace window (a rotation never shortens a grace an earlier one promised)
+    older_grace: dict[int, float] = {}
 
 
 def marker_field(change: AuthChange) -> str | None:

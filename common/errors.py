@@ -9,6 +9,8 @@ import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, MethodNotAllowedException, NotFoundException, ValidationException
 
+from common.storable import unstorable_field
+
 log = logging.getLogger(__name__)
 
 
@@ -69,6 +71,10 @@ def decode_body(body: bytes, schema: type[msgspec.Struct]):
     """Decode and validate a JSON body; bad input becomes a 400 naming the parameter."""
     if not body:
         raise ApiError(400, "Request body is empty; a JSON object is required.", code="invalid_json")
+    if (unstorable := unstorable_field(body)) is not None:
+        param, problem = unstorable
+        raise ApiError(400, f"{param or 'The body'} contains {problem}, which cannot be stored.",
+                       param=param or None, code="invalid_value")
     try:
         return msgspec.json.decode(body, type=schema)
     except msgspec.ValidationError as exc:

@@ -11,6 +11,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
+import asyncpg
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
@@ -25,8 +26,32 @@ LOG_WENT_BACK_POLLS = 3  # polls (up to 0.5 s each) a partition's log must end b
 _encoder = msgspec.json.Encoder()
 
 
+DLQ_REASON_HEADER = "dualgate-dlq-reason"
+DLQ_SOURCE_HEADER = "dualgate-dlq-source"  # <topic>/<partition>/<offset> the message was read at
+MAX_REASON_CHARS = 500
+
+# Refusals no retry can get past: SQLSTATE class 22 (data exception: a NUL or a character the encoding
+# lacks, a value out of range), class 23 (integrity constraint: check, not-null), and values the driver
+# cannot even encode (asyncpg's client-side DataError and a UnicodeEncodeError are ValueErrors). A
+# connection error, a timeout, a database shutting down or a permission denied is not among them.
+_PERMANENT_REFUSALS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, ValueError, OverflowError)
+
+
 class PoisonMessage(Exception):
     """The message can never be processed (bad schema, bad content): send it to the DLQ."""
+
+
+def refused_permanently(exc: BaseException) -> bool:
+    """Whether a sink refused a record for what it holds (poison), not for being unreachable (retry).
+    Every consumer classifies its sink's errors with this one function."""
+    return isinstance(exc, (PoisonMessage, *_PERMANENT_REFUSALS))
+
+
+def refusal_reason(exc: BaseException) -> str:
+    """One printable line saying why a record was refused (kept with it in the DLQ)."""
+    text = str(exc) if isinstance(exc, PoisonMessage) else f"{type(exc).__name__}: {exc}"
+    text = text.encode("utf-8", "backslashreplace").decode().replace("\x00", "\\x00")  # storable, printable
+    return " ".join(text.split())[:MAX_REASON_CHARS]
 
 
 class EventPublisher:
@@ -61,11 +86,13 @@ class EventPublisher:
     def connected(self) -> bool:
         return self._producer is not None
 
-    async def publish(self, topic: str, key: str, event: msgspec.Struct | bytes) -> None:
+    async def publish(self, topic: str, key: str, event: msgspec.Struct | bytes,
+                      headers: list[tuple[str, bytes]] | None = None) -> None:
         if self._producer is None:
             raise KafkaError("producer not connected")
         value = event if isinstance(event, bytes) else _encoder.encode(event)
-        await asyncio.wait_for(self._producer.send_and_wait(topic, value, key=key.encode()), SEND_TIMEOUT)
+        await asyncio.wait_for(self._producer.send_and_wait(topic, value, key=key.encode(), headers=headers),
+                               SEND_TIMEOUT)
         EVENTS_PUBLISHED.labels(topic).inc()
 
     async def publish_many(self, messages: list[tuple[str, str, bytes]]) -> None:
@@ -105,7 +132,9 @@ async def consume_forever(
     retry_delay_max: float = 5.0,
 ) -> None:
     """Process each message until it succeeds (transient errors retry with backoff, the offset
-    is committed only after success), poison messages go to `<topic>.dlq`. One long-lived group."""
+    is committed only after success). Poison goes to `<topic>.dlq` with its reason and is skipped: a
+    PoisonMessage, or a record the sink refused for its content (`refused_permanently`), so one bad
+    record never stops the line behind it. One long-lived group."""
     dlq = f"{topic}.dlq"
     while True:
         consumer = AIOKafkaConsumer(
@@ -179,26 +208,31 @@ async def _handle_until_done(record: ConsumerRecord, handler: MessageHandler, pu
             await handler(record)
             EVENTS_CONSUMED.labels(record.topic, "ok").inc()
             return
-        except PoisonMessage as exc:
-            log.error("poison message sent to DLQ", extra={"topic": record.topic, "offset": record.offset,
-                                                            "error": str(exc)})
-            await _publish_until_done(publisher, dlq, record)
-            EVENTS_CONSUMED.labels(record.topic, "dlq").inc()
-            return
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # transient (database down...): retry, never skip
+        except Exception as exc:
+            if refused_permanently(exc):
+                reason = refusal_reason(exc)
+                log.error("poison message sent to DLQ", extra={"topic": record.topic, "offset": record.offset,
+                                                                "error": reason})
+                await _publish_until_done(publisher, dlq, record, reason)
+                EVENTS_CONSUMED.labels(record.topic, "dlq").inc()
+                return
+            # transient (database down...): retry, never skip
             EVENTS_CONSUMED.labels(record.topic, "retry").inc()
             log.warning("event handling failed, retrying", extra={"topic": record.topic, "error": str(exc)})
             await asyncio.sleep(delay)
             delay = min(delay * 2, retry_delay_max)
 
 
-async def _publish_until_done(publisher: EventPublisher, topic: str, record: ConsumerRecord) -> None:
+async def _publish_until_done(publisher: EventPublisher, topic: str, record: ConsumerRecord, reason: str) -> None:
+    """The message as it was read, with why it was refused and where it came from in its headers."""
     key = (record.key or b"").decode(errors="replace")
+    headers = [(DLQ_REASON_HEADER, reason.encode()),
+               (DLQ_SOURCE_HEADER, f"{record.topic}/{record.partition}/{record.offset}".encode())]
     while True:
         try:
-            await publisher.publish(topic, key, record.value or b"")
+            await publisher.publish(topic, key, record.value or b"", headers)
             return
         except (KafkaError, TimeoutError):
             await asyncio.sleep(0.5)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+import uuid
 from datetime import datetime, timezone
 
 from stack.config import StackConfig
@@ -21,7 +23,10 @@ class AdminError(Exception):
     pass
 
 
-def _call(method: str, path: str, body: dict | None = None, params: dict | None = None) -> dict:
+def _call(method: str, path: str, body: dict | None = None, params: dict | None = None,
+          idempotency_key: str | None = None) -> dict:
+    """One admin API call. With an `idempotency_key` it is safe to send again, and is: a lost answer or a
+    5xx is retried a few times with the same key, so the server answers it once."""
     import httpx
     import msgspec
 
@@ -31,11 +36,23 @@ def _call(method: str, path: str, body: dict | None = None, params: dict | None 
     if not config.credentials_file.exists():
         raise AdminError(f"no stack credentials in {config.home}; is the stack up (dualgate up)?")
     creds = msgspec.json.decode(config.credentials_file.read_bytes(), type=Credentials)
-    try:
-        resp = httpx.request(method, f"{config.base_url}{path}", json=body, params=params, timeout=TIMEOUT,
-                             headers={"authorization": f"Bearer {creds.admin_key}"})
-    except httpx.HTTPError as exc:
-        raise AdminError(f"cannot reach the stack at {config.base_url}: {exc}") from None
+    headers = {"authorization": f"Bearer {creds.admin_key}"}
+    if idempotency_key:
+        headers["idempotency-key"] = idempotency_key
+    attempts = 3 if idempotency_key else 1
+    for attempt in range(1, attempts + 1):
+        try:
+            resp = httpx.request(method, f"{config.base_url}{path}", json=body, params=params, timeout=TIMEOUT,
+                                 headers=headers)
+        except httpx.HTTPError as exc:
+            if attempt < attempts:
+                time.sleep(0.5 * attempt)
+                continue
+            raise AdminError(f"cannot reach the stack at {config.base_url}: {exc}") from None
+        if resp.status_code >= 500 and attempt < attempts:
+            time.sleep(0.5 * attempt)
+            continue
+        break
     data = resp.json() if resp.headers.get("content-type", "").startswith("application/json") else {}
     if resp.status_code >= 400:
         message = data.get("error", {}).get("message") if isinstance(data, dict) else None
@@ -156,7 +173,10 @@ def keys_revoke(args: argparse.Namespace) -> dict:
 
 
 def keys_rotate(args: argparse.Namespace) -> dict:
-    key = _call("POST", f"/v1/keys/{args.key_id}/rotate", {"grace_seconds": args.grace})
+    # one Idempotency-Key for every attempt: a retry gets the first rotation's answer, never a second
+    # rotation that would leave the caller without the secret it made
+    key = _call("POST", f"/v1/keys/{args.key_id}/rotate", {"grace_seconds": args.grace},
+                idempotency_key=f"cli-rotate-{uuid.uuid4().hex}")
     if not args.json:
         until = key.get("previous_secret_expires_at")
         print(f"key {key['id']} rotated; the previous secret works until {_when(until)}" if until

@@ -112,8 +112,11 @@ def pepper_versions_in_use(config: StackConfig) -> set[str]:
         rows = conn.execute(
             """SELECT pepper_version FROM api_keys WHERE revoked_at IS NULL
                UNION
-               SELECT previous_pepper_version FROM api_keys
-               WHERE revoked_at IS NULL AND previous_pepper_version IS NOT NULL AND previous_expires_at > now()"""
+               SELECT p.pepper_version FROM previous_secrets p JOIN api_keys k USING (key_id)
+               WHERE k.revoked_at IS NULL AND p.expires_at > now()
+               UNION
+               SELECT pepper_version FROM key_rotations  -- a rotation's answer a retry may still need
+               WHERE created_at > now() - interval '1 day'"""
         ).fetchall()
     return {version for (version,) in rows}
 

@@ -69,7 +69,7 @@ async def test_poison_usage_events_go_to_the_dlq_and_the_ledger_keeps_going(http
     user_id = await new_user(http, admin_headers)
     marker = uuid.uuid4().hex
     unreadable = f"not json {marker}".encode()
-    # readable, but the database refuses it (NUL in text) every time: bounded retries, then the DLQ
+    # readable, but the database refuses it for its content (NUL in text): no retry, straight to the DLQ
     refused = msgspec.json.encode(_event(f"usr_{marker}\u0000", 1, 1, event_id=f"nul-{marker}"))
     negative = msgspec.json.encode(_event(user_id, -5, 1, event_id=f"neg-{marker}"))
     for value in (unreadable, refused, negative):

@@ -4,7 +4,6 @@ the kits sit below them (`common/` below everything, `gateway/` and `fallback/` 
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 import pytest
 

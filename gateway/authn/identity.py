@@ -47,8 +47,11 @@ def judge(principal: KeyPrincipal, cached_at: float, changes: Mapping[str, AuthC
         return Verdict.REJECT  # a rotated-away secret past its grace window
     rotated = changes.get(f"rotated:{principal.key_id}")
     if rotated is not None and rotated.generation is not None and principal.generation < rotated.generation:
-        # cached before the latest rotation: the previous secret lives out its grace, older ones are dead
-        if principal.generation != rotated.generation - 1 or now >= (rotated.grace_until or 0.0):
+        # cached before the latest rotation: a rotated-away secret lives out the grace its own rotation
+        # promised, however many rotations followed; one without a grace is dead
+        until = rotated.grace_until if principal.generation == rotated.generation - 1 \
+            else rotated.older_grace.get(principal.generation)
+        if now >= (until or 0.0):
             return Verdict.REJECT
     plan = changes.get(f"plan:{principal.user_id}")
     if plan is not None and plan.at > cached_at:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncpg
 import msgspec
 from aiokafka import ConsumerRecord
 
@@ -20,9 +19,7 @@ def audit_writer(store: AuditStore):
             event = _decoder.decode(record.value or b"")
         except msgspec.MsgspecError as exc:
             raise PoisonMessage(str(exc)) from None
-        try:
-            await store.insert(event)
-        except asyncpg.DataError as exc:  # a value Postgres will never take (a NUL in text): not a retry
-            raise PoisonMessage(f"{type(exc).__name__}: {exc}") from None
+        # a value Postgres will never take (a NUL in text) is poison, an outage a retry (consume_forever)
+        await store.insert(event)
 
     return handle

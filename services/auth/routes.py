@@ -13,18 +13,24 @@ from litestar.params import Parameter
 
 from common.contracts import AuthChange, IntrospectRequest, KeyPrincipal
 from common.errors import ApiError, decode_body, not_found, unauthorized, unavailable
+from common.idempotency import idempotency_key
 from common.security import (
     Principal, api_key, generate_api_key, hash_secret, new_secret, parse_api_key, secret_matches,
 )
 from common.vault import VaultUnavailable
+from services.auth.rotations import rotation_request_hash, seal_answer, unseal_answer
 from services.auth.schemas import (
     AuditList, CreatedKey, CreateKey, KeyInfo, KeyList, RotateKey, TokenRequest, TokenResponse,
 )
+from services.auth.store import PreviousSecret, Rotation
 
 AUDIENCE = "auth"
 NO_HASH = "0" * 64
 # the only service that may report user changes (disable/enable, plan) into the auth-change feed
 USER_CHANGE_KINDS = frozenset({"user_disabled", "user_enabled", "plan_changed"})
+REPLAY_HEADER = "x-dualgate-idempotent-replay"
+_created_encoder = msgspec.json.Encoder()
+_created_decoder = msgspec.json.Decoder(CreatedKey)
 
 
 def _caller(request: Request, state: State) -> Principal:
@@ -56,30 +62,40 @@ async def introspect(request: Request, state: State) -> KeyPrincipal:
     if parsed is None:
         raise _deny(deps, None, "malformed key")
     key_id, secret = parsed
-    row = await deps.store.credentials(key_id)
+    creds = await deps.store.credentials(key_id)
     now = time.time()
-    # both comparisons always run, against decoys when there is nothing to compare with, so the time
-    # taken does not tell a guesser whether the key exists, is revoked or has a previous secret
-    current_pepper = await deps.peppers.get(row["pepper_version"]) if row else None
-    current_ok = secret_matches(current_pepper or deps.decoy_pepper, secret, row["secret_hash"] if row else NO_HASH)
-    in_grace = bool(row and row["previous_hash"] and (row["previous_expires_at"] or 0.0) > now)
-    previous_pepper = await deps.peppers.get(row["previous_pepper_version"]) if in_grace else None
-    previous_ok = secret_matches(previous_pepper or deps.decoy_pepper, secret,
-                                 row["previous_hash"] if in_grace else NO_HASH) and in_grace
-    if row is None or not (current_ok or previous_ok):
+    # every comparison always runs, against decoys when there is nothing to compare with, so the time
+    # taken does not tell a guesser whether the key exists, is revoked or has previous secrets
+    current_pepper = await deps.peppers.get(creds.pepper_version) if creds else None
+    current_ok = secret_matches(current_pepper or deps.decoy_pepper, secret, creds.secret_hash if creds else NO_HASH)
+    previous = await _matching_previous(deps, secret, [p for p in creds.previous if p.expires_at > now]
+                                        if creds else [])
+    if creds is None or not (current_ok or previous):
         raise _deny(deps, key_id, "unknown, revoked or wrong secret")
-    facts = await deps.users.facts(row["user_id"])
+    facts = await deps.users.facts(creds.user_id)
     if facts is None or facts.disabled:
         raise _deny(deps, key_id, "user disabled or gone")
-    if deps.peppers.current != (row["pepper_version"] if current_ok else row["previous_pepper_version"]):
+    matched_hash, matched_pepper = (creds.secret_hash, creds.pepper_version) if current_ok else \
+        (previous.secret_hash, previous.pepper_version)
+    if deps.peppers.current != matched_pepper:
         # re-hash on use: the key moves to the current pepper, so old pepper versions can be retired
-        await deps.store.rehash(key_id, previous=not current_ok,
-                                old_hash=row["secret_hash"] if current_ok else row["previous_hash"],
-                                new_hash=hash_secret(deps.peppers.current_key, secret),
+        await deps.store.rehash(key_id, previous_generation=None if current_ok else previous.generation,
+                                old_hash=matched_hash, new_hash=hash_secret(deps.peppers.current_key, secret),
                                 pepper_version=deps.peppers.current)
-    return KeyPrincipal(user_id=row["user_id"], key_id=key_id, scopes=list(row["scopes"]), plan=facts.plan,
-                        expires_at=None if current_ok else row["previous_expires_at"],
-                        generation=row["generation"] if current_ok else row["generation"] - 1)
+    return KeyPrincipal(user_id=creds.user_id, key_id=key_id, scopes=creds.scopes, plan=facts.plan,
+                        expires_at=None if current_ok else previous.expires_at,
+                        generation=creds.generation if current_ok else previous.generation)
+
+
+async def _matching_previous(deps, secret: str, candidates: list[PreviousSecret]) -> PreviousSecret | None:
+    """The rotated-away secret (in its grace window) this one is; each is compared, one decoy when none."""
+    found = None
+    for candidate in candidates or [None]:
+        pepper = await deps.peppers.get(candidate.pepper_version) if candidate else None
+        ok = secret_matches(pepper or deps.decoy_pepper, secret, candidate.secret_hash if candidate else NO_HASH)
+        if ok and candidate is not None and found is None:
+            found = candidate
+    return found
 
 
 @get("/internal/auth-changes")
@@ -163,26 +179,65 @@ async def revoke_key(request: Request, state: State, key_id: str) -> dict[str, o
 
 
 @post("/v1/keys/{key_id:str}/rotate", status_code=200)
-async def rotate_key(request: Request, state: State, key_id: str) -> CreatedKey:
+async def rotate_key(request: Request, state: State, key_id: str) -> Response[CreatedKey]:
+    """A new secret for the key. Every secret moved aside keeps the grace its rotation promised, whatever
+    rotations follow; a retry with the same Idempotency-Key gets the first answer and rotates nothing."""
     deps = state.deps
     principal = _caller(request, state)
+    retry_key = idempotency_key(request)
     raw = await request.body()
     body: RotateKey = decode_body(raw, RotateKey) if raw.strip() else RotateKey()
     grace = deps.settings.key_grace_seconds if body.grace_seconds is None else body.grace_seconds
+    request_hash = rotation_request_hash(grace)
     secret = new_secret()  # same key id: only the secret changes
-    info = None
+    pepper_version, pepper = deps.peppers.current, deps.peppers.current_key
+
+    def seal(info: KeyInfo) -> bytes:
+        answer = _created_encoder.encode(CreatedKey(**msgspec.structs.asdict(info), key=api_key(key_id, secret)))
+        return seal_answer(pepper, key_id, retry_key or "", answer)
+
+    rotation = None
     if _valid_key_id(key_id):
-        info = await deps.store.rotate(key_id, None if principal.is_admin else principal.subject,
-                                       secret_hash=hash_secret(deps.peppers.current_key, secret),
-                                       pepper_version=deps.peppers.current, grace_seconds=grace)
-    if info is None:
+        rotation = await deps.store.rotate(key_id, None if principal.is_admin else principal.subject,
+                                           secret_hash=hash_secret(pepper, secret), pepper_version=pepper_version,
+                                           grace_seconds=grace, idempotency_key=retry_key, request_hash=request_hash,
+                                           seal=seal)
+    if rotation is None:
         raise _key_not_found()
-    grace_until = time.time() + grace
-    await deps.changes.record(AuthChange(kind="key_rotated", key_id=key_id, user_id=info.user_id, at=time.time(),
-                                         generation=info.rotations, grace_until=grace_until))
+    if rotation.replayed is not None:
+        return await _replay_rotation(deps, key_id, retry_key or "", request_hash, rotation)
+    info = rotation.info
+    await deps.changes.record(_rotated(key_id, info, rotation.graces))
     deps.audit.record("key.rotated", actor=principal.subject, target=key_id,
                       detail={"user_id": info.user_id, "grace_seconds": str(grace)})
-    return CreatedKey(**msgspec.structs.asdict(info), key=api_key(key_id, secret))
+    answer = CreatedKey(**msgspec.structs.asdict(info), key=api_key(key_id, secret))
+    return Response(content=_created_encoder.encode(answer), media_type="application/json")
+
+
+def _rotated(key_id: str, info: KeyInfo, graces: dict[int, float]) -> AuthChange:
+    """The marker gateways judge cached secrets by: the new generation passes, each older one until its
+    own grace ends (the previous one's end also in grace_until, which older gateways read)."""
+    newest = info.rotations - 1
+    return AuthChange(kind="key_rotated", key_id=key_id, user_id=info.user_id, at=time.time(),
+                      generation=info.rotations, grace_until=graces.get(newest),
+                      older_grace={g: until for g, until in graces.items() if g < newest})
+
+
+async def _replay_rotation(deps, key_id: str, retry_key: str, request_hash: str,
+                           rotation: Rotation) -> Response[CreatedKey]:
+    if rotation.request_hash != request_hash:
+        raise ApiError(422, "This Idempotency-Key was already used with a different request.",
+                       param="Idempotency-Key", code="idempotency_key_reused")
+    pepper = await deps.peppers.get(rotation.replay_pepper)
+    answer = unseal_answer(pepper, key_id, retry_key, rotation.replayed) if pepper else None
+    if answer is None:  # its pepper version was retired meanwhile: the answer cannot be opened again
+        raise ApiError(409, "This rotation was done, but its answer can no longer be replayed.",
+                       param="Idempotency-Key", code="idempotency_answer_gone")
+    replayed = _created_decoder.decode(answer)
+    if replayed.rotations == rotation.info.rotations:
+        # the first attempt may have stopped before telling the gateways: tell them (idempotent)
+        await deps.changes.record(_rotated(key_id, rotation.info, rotation.graces))
+    return Response(content=answer, media_type="application/json", headers={REPLAY_HEADER: "true"})
 
 
 # ---- JWTs --------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ class KeyInfo(msgspec.Struct, kw_only=True):
     created: int
     revoked: bool
     rotations: int = 0
-    previous_secret_expires_at: int | None = None  # while a rotated-away secret is in its grace window
+    previous_secret_expires_at: int | None = None  # the last grace end of its rotated-away secrets, while one is on
 
 
 class CreatedKey(KeyInfo, kw_only=True):

@@ -23,10 +23,11 @@ from litestar import Request, Response
 from litestar.response import Stream
 
 from common.contracts import (
-    CONVERSATION_HEADER, DEGRADED_HEADER, IDEMPOTENCY_HEADER, REPLAY_HEADER, TURN_HEADER, ModelRecord, TurnEvent,
+    CONVERSATION_HEADER, DEGRADED_HEADER, REPLAY_HEADER, TURN_HEADER, ModelRecord, TurnEvent,
     UsageEvent,
 )
 from common.errors import ApiError, ErrorBody, ErrorEnvelope, decode_body, unavailable
+from common.idempotency import idempotency_key
 from common.http import finish
 from common.logging import request_id_var
 from common.metrics import FALLBACKS, stage_done
@@ -44,7 +45,6 @@ log = logging.getLogger(__name__)
 
 AUDIENCE = "chat"
 DEFAULT_MAX_TOKENS = 256
-MAX_IDEMPOTENCY_KEY = 255
 
 _peek = msgspec.json.Decoder(StreamPeek)
 _error = msgspec.json.Decoder(ErrorEnvelope)
@@ -64,7 +64,7 @@ async def chat_completion(request: Request, deps) -> Response | Stream:
     started = time.perf_counter()
     principal = deps.tokens.principal_from(request, AUDIENCE)
     body: ChatCompletionRequest = decode_body(await request.body(), ChatCompletionRequest)
-    key = _idempotency_key(request)
+    key = idempotency_key(request)
     request_hash = _request_hash(body) if key else ""
     slot = (principal.subject, key) if key else None
     if slot:
@@ -116,17 +116,6 @@ def _request_hash(body: ChatCompletionRequest) -> str:
     """What the request asks, whatever its delivery: a stored answer replays streamed or not."""
     asked = msgspec.structs.replace(body, stream=False, stream_options=None)
     return hashlib.sha256(msgspec.json.encode(asked)).hexdigest()
-
-
-def _idempotency_key(request: Request) -> str | None:
-    key = request.headers.get(IDEMPOTENCY_HEADER)
-    if key is None:
-        return None
-    key = key.strip()
-    if not key or len(key) > MAX_IDEMPOTENCY_KEY or not key.isprintable():
-        raise ApiError(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable characters.",
-                       param="Idempotency-Key", code="invalid_value")
-    return key
 
 
 async def _stored_turn(deps, user_id: str, key: str) -> TurnEvent | None:

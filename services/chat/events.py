@@ -1,8 +1,11 @@
 """The writer consumer: turns from `chat.turns.v1` into Postgres, once each (turn id unique).
 
-Publishing happens in the outbox (`services/chat/outbox.py`). A message that can never be a turn is
-poison and goes to `chat.turns.v1.dlq`; a database that is down is not poison: the consumer retries
-the same message until it lands, so turns wait in Kafka (and in the spool) and persist on recovery.
+Publishing happens in the outbox (`services/chat/outbox.py`). A message that can never be a turn, or a
+turn Postgres refuses for its content (a NUL in a message, say: common.events.refused_permanently), is
+poison: it goes to `chat.turns.v1.dlq` with its reason and the line moves on. Its turn id is kept in
+`dead_turns`, so the spool that published it settles it instead of republishing it for ever. A database
+that is down is not poison: the consumer retries the same message until it lands, so turns wait in Kafka
+(and in the spool) and persist on recovery.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import msgspec
 from aiokafka import ConsumerRecord
 
 from common.contracts import TurnEvent
-from common.events import PoisonMessage
+from common.events import PoisonMessage, refusal_reason, refused_permanently
 from services.chat.store import TurnStore
 
 log = logging.getLogger(__name__)
@@ -31,7 +34,16 @@ def turn_writer(store: TurnStore):
             raise PoisonMessage("a turn needs turn_id, conversation_id and user_id")
         try:
             await store.insert_turn(turn)
-        except (ValueError, OverflowError) as exc:  # a value no row can hold (e.g. a timestamp out of range)
-            raise PoisonMessage(f"{type(exc).__name__}: {exc}") from None
+        except Exception as exc:
+            if not refused_permanently(exc):
+                raise  # the database is away: retry
+            reason = refusal_reason(exc)
+            try:  # before the DLQ: a crash in between redelivers the record, which comes here again
+                await store.record_dead_turn(turn.turn_id, reason, record.value or b"")
+            except Exception as again:
+                if not refused_permanently(again):
+                    raise
+                # a turn id Postgres cannot hold was never spooled by chat: nothing waits on it
+            raise PoisonMessage(reason) from None
 
     return handle

@@ -43,12 +43,21 @@ class TurnStore:
         )
         return status.endswith(" 1")
 
+    async def record_dead_turn(self, turn_id: str, reason: str, payload: bytes) -> None:
+        """A turn Postgres refused for its content: settled for the spool, kept for an operator."""
+        await self.pool.execute(
+            "INSERT INTO dead_turns (turn_id, reason, payload) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            turn_id, reason, payload)
+
     async def settled(self, turns: list[TurnEvent]) -> set[str]:
-        """Of these turns, the ids that need no more delivery: persisted; belonging to a conversation
-        deleted meanwhile; or answering an Idempotency-Key another stored turn already answers (two
-        replicas answered the same key: the stored answer stands, the other is never stored)."""
+        """Of these turns, the ids that need no more delivery: persisted; refused for their content (in
+        the DLQ); belonging to a conversation deleted meanwhile; or answering an Idempotency-Key another
+        stored turn already answers (two replicas answered the same key: the stored answer stands, the
+        other is never stored)."""
         rows = await self.pool.fetch(
             """SELECT turn_id FROM turns WHERE turn_id = ANY($1::text[])
+               UNION
+               SELECT turn_id FROM dead_turns WHERE turn_id = ANY($1::text[])
                UNION
                SELECT t.turn_id FROM unnest($1::text[], $2::text[]) AS t(turn_id, conversation_id)
                JOIN conversations c ON c.id = t.conversation_id WHERE c.deleted_at IS NOT NULL
