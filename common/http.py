@@ -147,8 +147,11 @@ def upstream_client(
     )
 
 
-def forward_headers(headers: object, drop: frozenset[str] = frozenset()) -> dict[str, str]:
-    return {k: v for k, v in headers.items() if k.lower() not in HOP_HEADERS and k.lower() not in drop}
+def forward_headers(headers: object, drop: frozenset[str] = frozenset()) -> dict[str, bytes]:
+    """The caller's headers to pass on, as the bytes they came as (a latin-1 User-Agent included: as
+    text, httpx would refuse anything but ASCII)."""
+    return {k: v.encode("latin-1") for k, v in headers.items()
+            if k.lower() not in HOP_HEADERS and k.lower() not in drop}
 
 
 # how long an answer whose content has ended may take to end its body (its chunked terminator)

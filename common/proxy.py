@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 import httpx
 from litestar import Request
@@ -17,6 +18,7 @@ from litestar.response import Stream
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from common.breaker import AsyncBreaker, BreakerOpen
+from common.errors import ApiError
 from common.http import HOP_HEADERS, relay
 
 # Response headers that describe the upstream's framing, not the content.
@@ -24,6 +26,20 @@ _RESPONSE_DROP = HOP_HEADERS | {"content-length", "date", "server", "x-request-i
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 UPSTREAM_HEADER = "x-dualgate-upstream"  # on an upstream's own error answer a gateway passes on
 _MAX_ERROR_BODY = 65_536
+# the request could not be put on the wire as it is: the caller's input, never the upstream's failure
+UNSENDABLE = (httpx.InvalidURL, httpx.UnsupportedProtocol, httpx.LocalProtocolError, UnicodeEncodeError)
+
+
+def unsendable(exc: BaseException) -> ApiError:
+    return ApiError(400, f"The request cannot be passed on as it is ({type(exc).__name__}).",
+                    code="invalid_request")
+
+
+def upstream_path(scope: dict) -> str:
+    """The request's path as the client encoded it, to pass on: the decoded one would turn an id's %2F,
+    %3F or %23 into structure ("/", a query, a fragment) on the next hop."""
+    raw = scope.get("raw_path")
+    return raw.decode("latin-1") if raw else quote(scope["path"])
 
 
 async def open_upstream(client: httpx.AsyncClient, request: Request, url: str, *, body: bytes,
@@ -150,7 +166,10 @@ class Hop:
 
     async def _once(self, method: str, url: str, content: bytes, headers: dict[str, str] | None,
                     params: object) -> httpx.Response:
-        request = self.client.build_request(method, url, content=content, headers=headers, params=params)
+        try:
+            request = self.client.build_request(method, url, content=content, headers=headers, params=params)
+        except UNSENDABLE as exc:
+            raise unsendable(exc) from None
         try:
             async with self.breaker.guard() as attempt:
                 async with asyncio.timeout(self.first_byte_timeout):
@@ -160,6 +179,8 @@ class Hop:
             raise _AttemptFailed(f"connect error: {exc!r}", connect=True) from None
         except (TimeoutError, httpx.TimeoutException):
             raise _AttemptFailed("no first byte in time") from None
+        except UNSENDABLE as exc:  # not a verdict on the upstream (the breaker does not count it)
+            raise unsendable(exc) from None
         except httpx.HTTPError as exc:
             raise _AttemptFailed(f"{type(exc).__name__}: {exc}") from None
         if response.status_code >= 500:

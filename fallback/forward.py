@@ -16,7 +16,9 @@ from common.http import forward_headers
 from common.errors import ApiError
 from common.limits import KeyRate, RateDecision, RequestRateLimiter, rate_headers, retry_after
 from common.metrics import FALLBACKS, RATE_LIMITED
-from common.proxy import UPSTREAM_HEADER, Hop, UpstreamUnavailable, may_retry, relay_response, response_headers
+from common.proxy import (
+    UPSTREAM_HEADER, Hop, UpstreamUnavailable, may_retry, relay_response, response_headers, upstream_path,
+)
 from common.security import INTERNAL_TOKEN_HEADER, InternalTokens
 from fallback.cache import LastKnown
 from fallback.degraded import DEGRADED_HEADER, degraded_response
@@ -93,7 +95,8 @@ async def forward_to(service: str, upstream: Upstream, tokens: InternalTokens, l
     upstream_headers = forward_headers(request.headers, DROP_REQUEST_HEADERS)
     upstream_headers.update(tokens.headers(upstream.audience, identity.principal))
     try:
-        response = await upstream.hop.open(method, path, content=await request.body(), headers=upstream_headers,
+        response = await upstream.hop.open(method, upstream_path(request.scope), content=await request.body(),
+                                           headers=upstream_headers,
                                            params=query or None, retry_ok=may_retry(method, request.headers))
     except UpstreamUnavailable as failure:
         log.warning("upstream failed before first byte", extra={"upstream": failure.upstream,
