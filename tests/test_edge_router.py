@@ -229,9 +229,8 @@ async def test_the_path_and_query_reach_the_gateway_as_the_client_sent_them(edge
 
 # ---- issue 23: a caller's malformed request is its own 400, never an outage for everyone ----------
 
-@pytest.mark.parametrize("status", ["400"])
-async def test_a_gateways_4xx_is_relayed_never_a_breaker_failure_nor_a_failover(edge, status):
-    edge.primary.script.extend([status] * 10)
+async def test_a_gateways_4xx_is_relayed_never_a_breaker_failure_nor_a_failover(edge):
+    edge.primary.script.extend(["400"] * 10)
     for _ in range(10):
         response = await edge.http.get("/v1/models")
         assert response.status_code == 400 and response.headers["x-dualgate-route"] == "ai"
