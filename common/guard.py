@@ -22,6 +22,10 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # in a header value: every control byte but HTAB (CR, LF and NUL would split or end the header)
 _HEADER_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _PRINTABLE_ASCII = re.compile(rb"[\x20-\x7e]+")
+# the common case, decided in one pass: nothing escaped, nothing but visible ASCII (and, in headers, spaces
+# and tabs) -- no control character and no invalid UTF-8 can hide in it
+_VISIBLE_ASCII = re.compile(rb"[\x21-\x7e]*")
+_HEADER_TEXT = re.compile(rb"[\x20-\x7e\t]*")
 MAX_IDEMPOTENCY_KEY = 255
 # headers the platform reads and passes on as text: their spelling as errors name them
 ASCII_HEADERS = {b"idempotency-key": "Idempotency-Key", b"x-request-id": "X-Request-ID"}
@@ -34,6 +38,8 @@ def _bad(message: str, param: str | None, code: str = "invalid_request") -> ApiE
 
 def check_path(raw_path: bytes) -> None:
     """The path, percent-decoded, is UTF-8 with no control character and no "." or ".." segment."""
+    if b"%" not in raw_path and b"/." not in raw_path and _VISIBLE_ASCII.fullmatch(raw_path):
+        return
     try:
         path = unquote_to_bytes(raw_path).decode("utf-8")
     except UnicodeDecodeError:
@@ -46,7 +52,7 @@ def check_path(raw_path: bytes) -> None:
 
 def check_query(query_string: bytes) -> None:
     """Every name and value, percent-decoded, is UTF-8 with no control character."""
-    if not query_string:
+    if not query_string or (b"%" not in query_string and _VISIBLE_ASCII.fullmatch(query_string)):
         return
     try:
         pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True, encoding="utf-8",
@@ -61,10 +67,11 @@ def check_query(query_string: bytes) -> None:
 
 
 def check_headers(headers: list[tuple[bytes, bytes]]) -> None:
+    plain = _HEADER_TEXT.fullmatch(b"".join([value for _, value in headers])) is not None
     for name, value in headers:
         shown = ASCII_HEADERS.get(name)
         if shown is None:
-            if _HEADER_CONTROL.search(value):
+            if not plain and _HEADER_CONTROL.search(value):
                 shown = name.decode("latin-1")
                 raise _bad(f"The {shown} header contains a control character.", shown, "invalid_header")
         elif name == b"idempotency-key":
