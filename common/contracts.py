@@ -68,6 +68,24 @@ def url_id(kind: str, value: str, param: str | None = None) -> str:
     return quote(value, safe="")
 
 
+# the public routes whose path names an id (decoded path -> the id's kind): a gateway checks it before
+# passing the path on, so an id no resource can have is refused where it arrives
+PATH_IDS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"/v1/conversations/([^/]+)(?:/messages)?"), "conversation"),
+    (re.compile(r"/v1/models/(.+)"), "model"),
+    (re.compile(r"/v1/keys/([^/]+)(?:/rotate)?"), "key"),
+    (re.compile(r"/v1/users/([^/]+)(?:/disable|/enable)?"), "user"),
+    (re.compile(r"/v1/plans/([^/]+)"), "plan"),
+)
+
+
+def check_path_ids(path: str) -> None:
+    """The 404 for a public path whose id does not match its kind's pattern (see PATH_IDS)."""
+    for route, kind in PATH_IDS:
+        if (found := route.fullmatch(path)) and not valid_id(kind, found.group(1)):
+            raise invalid_id(kind, found.group(1))
+
+
 class ModelRecord(msgspec.Struct, kw_only=True):
     """A models-registry row as other services see it."""
 

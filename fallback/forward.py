@@ -12,6 +12,7 @@ from litestar import Request, Response
 from litestar.response import Stream
 
 from common.authn import Identity
+from common.contracts import check_path_ids
 from common.http import forward_headers
 from common.errors import ApiError
 from common.limits import KeyRate, RateDecision, RequestRateLimiter, rate_headers, retry_after
@@ -90,6 +91,7 @@ async def forward_to(service: str, upstream: Upstream, tokens: InternalTokens, l
     """Forward with the caller's identity in an internal token; before the first byte, a failure
     answers from the last good copy (remembered reads) or as a flagged 503."""
     method, path, query = request.method, request.url.path, request.url.query
+    check_path_ids(path)  # before any I/O: an id no resource can have is its 404 here
     remembered = method == "GET" and path in LAST_KNOWN_PATHS
     tenant = identity.principal.subject
     upstream_headers = forward_headers(request.headers, DROP_REQUEST_HEADERS)

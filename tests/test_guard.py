@@ -9,7 +9,7 @@ from litestar import Request, get, post
 
 from common.app import create_service_app
 from common.breaker import AsyncBreaker
-from common.contracts import url_id, valid_id
+from common.contracts import check_path_ids, url_id, valid_id
 from common.errors import ApiError, decode_body
 from common.guard import check_headers, check_path, check_query
 from common.http import forward_headers
@@ -133,3 +133,21 @@ async def test_a_request_a_hop_cannot_send_is_a_400_and_never_a_breaker_failure(
     assert sent == [] and breaker.state == "closed"
     assert (await hop.open("GET", "/v1/x")).status_code == 200 and len(sent) == 1
     await client.aclose()
+
+
+@pytest.mark.parametrize(("path", "code"), [
+    ("/v1/conversations/a b", "conversation_not_found"), ("/v1/conversations/ключ/messages", "conversation_not_found"),
+    ("/v1/models/x/../m", "model_not_found"), ("/v1/keys/nope/rotate", "key_not_found"),
+    ("/v1/users/usr_1?x", "user_not_found"), ("/v1/plans/A", "plan_not_found"),
+])
+def test_a_public_path_whose_id_matches_no_pattern_is_its_404(path, code):
+    with pytest.raises(ApiError) as refused:
+        check_path_ids(path)
+    assert refused.value.status == 404 and refused.value.body.error.code == code
+
+
+@pytest.mark.parametrize("path", ["/v1/conversations/conv_0a1b", "/v1/conversations/conv_0a1b/messages", "/v1/models",
+                                  "/v1/models/Qwen/Qwen2.5-0.5B", "/v1/keys/0123456789abcdef/rotate", "/v1/users/me",
+                                  "/v1/users/usr_admin/disable", "/v1/plans/default", "/v1/chat/completions"])
+def test_public_paths_with_valid_ids_pass(path):
+    check_path_ids(path)
