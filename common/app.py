@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -21,6 +22,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from common.errors import EXCEPTION_HANDLERS
+from common.guard import InputGuardMiddleware
 from common.logging import configure_logging, request_id_var, trace_id_var
 from common.metrics import GC_FROZEN, REQUEST_DURATION, REQUESTS
 from common.settings import Settings
@@ -61,10 +63,13 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+_TRACE_ID = re.compile(r"[0-9a-f]{32}")
+
+
 def _trace_id_from(traceparent: str) -> str:
-    # W3C: version-traceid-parentid-flags
+    # W3C: version-traceid-parentid-flags; one that does not parse is ignored (and a new trace begins)
     parts = traceparent.split("-")
-    return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else ""
+    return parts[1] if len(parts) == 4 and _TRACE_ID.fullmatch(parts[1]) else ""
 
 
 class ObservabilityMiddleware:
@@ -141,7 +146,8 @@ def create_service_app(
 
     return Litestar(
         route_handlers=[healthz, readyz, metrics, *route_handlers],
-        middleware=[lambda app: ObservabilityMiddleware(app, settings.service)],
+        # malformed input is refused inside the observability layer: counted, and answered with a request id
+        middleware=[lambda app: ObservabilityMiddleware(app, settings.service), InputGuardMiddleware],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[lifespan, _frozen_after_startup] if lifespan else [_frozen_after_startup],
         dependencies=dependencies or {},

@@ -6,9 +6,11 @@ A background task syncs that storage with one Redis hash per upstream: a replica
 closes the circuit publishes it, the others adopt it within `sync_interval`. The newest change
 wins. Failure counts stay per replica; Redis being down only stops the sharing.
 
-What counts as a failure is the upstream's health, never the caller's mistakes: 5xx, 429,
-timeouts and connection errors do; 4xx (400, 401, 404, 413, 422...) do not. The decision is
-made on the status line, so a stream is judged before its body is relayed.
+What counts as a failure is the upstream's health, never the caller's requests: 5xx, timeouts
+and connection errors do; no 4xx does (400, 401, 404, 413, 422, and 429 too: a full queue sheds
+load request by request, and a limit one caller hits must not turn everyone away). A request that
+never left (refused as malformed before sending) is no verdict at all. The decision is made on the
+status line, so a stream is judged before its body is relayed.
 
     response = await breaker.call(client.send, request, stream=True)   # raises BreakerOpen
 """
@@ -58,11 +60,11 @@ _FAILURE_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProto
 
 
 def is_upstream_failure(outcome: httpx.Response | BaseException) -> bool:
-    """5xx, 429, timeouts and connection errors are the upstream's failures; caller 4xx are not."""
+    """5xx, timeouts and connection errors are the upstream's failures; no 4xx is."""
     if isinstance(outcome, httpx.HTTPStatusError):
         outcome = outcome.response
     if isinstance(outcome, httpx.Response):
-        return outcome.status_code >= 500 or outcome.status_code == 429
+        return outcome.status_code >= 500
     return isinstance(outcome, _FAILURE_ERRORS)
 
 

@@ -5,8 +5,12 @@ Kept in the kit because deployables never import each other.
 
 from __future__ import annotations
 
+import re
+from urllib.parse import quote
+
 import msgspec
 
+from common.errors import ApiError, not_found
 from common.openai_schema import EngineSpec, Usage
 
 # Wire headers every hop agrees on: one spelling, here.
@@ -41,6 +45,57 @@ def route_of(path: str) -> tuple[str, str] | None:
         if path == prefix or path.startswith(prefix + "/"):
             return domain, service
     return None
+
+
+# ---- ids that go into URLs ---------------------------------------------------------------------
+# Every id a hop puts into an upstream URL is checked against its kind's pattern and percent-encoded
+# (`url_id`), so "x/../m", "m?x=1" or a control character can never reach another resource than the
+# one named, nor fail the URL on the way out (an outage the caller could cause at will).
+_SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._:-]*"
+ID_PATTERNS: dict[str, str] = {
+    # "org/name" ids are fine; an empty, "." or ".." segment is not
+    "model": rf"^(?=.{{1,128}}$){_SEGMENT}(?:/{_SEGMENT})*$",
+    "conversation": r"^[A-Za-z0-9_-]{1,64}$",
+    "user": r"^[A-Za-z0-9_-]{1,64}$",
+    "key": r"^[0-9a-f]{16}$",
+    "plan": r"^[a-z0-9][a-z0-9._-]{0,63}$",
+}
+_ID_RES = {kind: re.compile(pattern) for kind, pattern in ID_PATTERNS.items()}
+
+
+def valid_id(kind: str, value: object) -> bool:
+    return isinstance(value, str) and _ID_RES[kind].fullmatch(value) is not None
+
+
+def invalid_id(kind: str, value: str, param: str | None = None) -> ApiError:
+    """An id that cannot name anything: answered like an unknown one, as OpenAI does (404)."""
+    shown = value if value.isprintable() and len(value) <= 128 else repr(value[:128])
+    return not_found(f"The {kind} '{shown}' does not exist.", code=f"{kind}_not_found", param=param or kind)
+
+
+def url_id(kind: str, value: str, param: str | None = None) -> str:
+    """`value` as one percent-encoded URL path segment, once it matches its kind's pattern; else the 404."""
+    if not valid_id(kind, value):
+        raise invalid_id(kind, value, param)
+    return quote(value, safe="")
+
+
+# the public routes whose path names an id (decoded path -> the id's kind): a gateway checks it before
+# passing the path on, so an id no resource can have is refused where it arrives
+PATH_IDS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"/v1/conversations/([^/]+)(?:/messages)?"), "conversation"),
+    (re.compile(r"/v1/models/(.+)"), "model"),
+    (re.compile(r"/v1/keys/([^/]+)(?:/rotate)?"), "key"),
+    (re.compile(r"/v1/users/([^/]+)(?:/disable|/enable)?"), "user"),
+    (re.compile(r"/v1/plans/([^/]+)"), "plan"),
+)
+
+
+def check_path_ids(path: str) -> None:
+    """The 404 for a public path whose id does not match its kind's pattern (see PATH_IDS)."""
+    for route, kind in PATH_IDS:
+        if (found := route.fullmatch(path)) and not valid_id(kind, found.group(1)):
+            raise invalid_id(kind, found.group(1))
 
 
 class ModelRecord(msgspec.Struct, kw_only=True):

@@ -86,6 +86,10 @@ def decode_body(body: bytes, schema: type[msgspec.Struct]):
         raise ApiError(400, text, param=param or None, code="invalid_value") from None
     except msgspec.DecodeError as exc:
         raise ApiError(400, f"Request body is not valid JSON: {exc}", code="invalid_json") from None
+    except UnicodeDecodeError:  # msgspec checks a string's UTF-8 as it decodes it
+        raise ApiError(400, "Request body is not valid UTF-8.", code="invalid_json") from None
+    except RecursionError:  # msgspec's depth guard: nesting no request of ours needs
+        raise ApiError(400, "Request body is nested too deeply.", code="invalid_json") from None
 
 
 def error_response(status: int, body: ErrorEnvelope, headers: dict[str, str] | None = None) -> Response:

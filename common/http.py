@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from urllib.parse import quote
 
 import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
+from common.errors import ApiError
 from common.logging import request_id_var, trace_id_var
 from common.settings import Settings
 
@@ -147,8 +149,11 @@ def upstream_client(
     )
 
 
-def forward_headers(headers: object, drop: frozenset[str] = frozenset()) -> dict[str, str]:
-    return {k: v for k, v in headers.items() if k.lower() not in HOP_HEADERS and k.lower() not in drop}
+def forward_headers(headers: object, drop: frozenset[str] = frozenset()) -> dict[str, bytes]:
+    """The caller's headers to pass on, as the bytes they came as (a latin-1 User-Agent included: as
+    text, httpx would refuse anything but ASCII)."""
+    return {k: v.encode("latin-1") for k, v in headers.items()
+            if k.lower() not in HOP_HEADERS and k.lower() not in drop}
 
 
 # how long an answer whose content has ended may take to end its body (its chunked terminator)
@@ -180,3 +185,20 @@ async def relay(response: httpx.Response) -> AsyncIterator[bytes]:
             yield chunk
     finally:
         await response.aclose()
+
+
+# ---- what a hop cannot send on ------------------------------------------------------------------
+
+UNSENDABLE = (httpx.InvalidURL, httpx.UnsupportedProtocol, httpx.LocalProtocolError, UnicodeEncodeError)
+
+
+def unsendable(exc: BaseException) -> ApiError:
+    return ApiError(400, f"The request cannot be passed on as it is ({type(exc).__name__}).",
+                    code="invalid_request")
+
+
+def upstream_path(scope: dict) -> str:
+    """The request's path as the client encoded it, to pass on: the decoded one would turn an id's %2F,
+    %3F or %23 into structure ("/", a query, a fragment) on the next hop."""
+    raw = scope.get("raw_path")
+    return raw.decode("latin-1") if raw else quote(scope["path"])

@@ -6,13 +6,12 @@ from litestar import Request
 
 from common.contracts import IDEMPOTENCY_HEADER
 from common.errors import ApiError
-
-MAX_IDEMPOTENCY_KEY = 255
+from common.guard import MAX_IDEMPOTENCY_KEY
 
 
 def idempotency_key(request: Request) -> str | None:
     """The request's Idempotency-Key, or None without one; a 400 naming it when it is not 1 to 255
-    printable characters."""
+    printable characters (the kit's input guard already refused one that is not printable ASCII)."""
     key = request.headers.get(IDEMPOTENCY_HEADER)
     if key is None:
         return None

@@ -29,7 +29,7 @@ import msgspec
 
 from common.app import freeze_long_lived_objects
 from gateway.authn import Identity
-from common.contracts import ModelRecord
+from common.contracts import ModelRecord, url_id, valid_id
 from common.engines.base import GenerationRequest
 from common.engines.render import completion, sse_chunks
 from common.openai_schema import ChatCompletionRequest, EngineSpec, InferenceRequest, StreamOptions
@@ -106,11 +106,13 @@ class ModelFallback:
         self._known: dict[str, tuple[str | None, float]] = {}
 
     async def _fallback_of(self, model: str) -> str | None:
+        if not valid_id("model", model):  # names no model: nothing to fall back to, nothing to ask
+            return None
         cached = self._known.get(model)
         if cached and cached[1] > time.monotonic():
             return cached[0]
         try:
-            response = await self.models.open("GET", f"/internal/models/{model}",
+            response = await self.models.open("GET", f"/internal/models/{url_id('model', model)}",
                                               headers=self.tokens.headers("models", self._self), retry_ok=True)
         except UpstreamUnavailable:
             return cached[0] if cached else None  # the last known registry

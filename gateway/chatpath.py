@@ -23,6 +23,7 @@ from litestar import Request, Response
 from litestar.response import Stream
 
 from gateway.authn import Identity
+from common.contracts import invalid_id, valid_id
 from common.errors import ApiError, decode_body
 from common.http import finish
 from common.limits import KeyRate, Reservation, TokenBudget, rate_headers, retry_after
@@ -58,6 +59,8 @@ def estimate_prompt_tokens(body: ChatCompletionRequest) -> int:
 
 
 def check_plan(body: ChatCompletionRequest, identity: Identity) -> None:
+    if not valid_id("model", body.model):  # before any I/O: it would name another URL on the way
+        raise invalid_id("model", body.model)
     plan = identity.plan
     if plan.allowed_models and body.model not in plan.allowed_models:
         raise ApiError(404, f"The model '{body.model}' does not exist or you do not have access to it.",

@@ -12,11 +12,13 @@ from litestar import Request, Response
 from litestar.response import Stream
 
 from gateway.authn import Identity
+from common.contracts import check_path_ids
 from common.http import forward_headers
 from common.errors import ApiError
 from common.limits import KeyRate, RateDecision, RequestRateLimiter, rate_headers, retry_after
 from common.metrics import FALLBACKS, RATE_LIMITED
 from gateway.proxy import Hop, UpstreamUnavailable, may_retry, relay_response, response_headers
+from common.http import upstream_path
 from common.security import INTERNAL_TOKEN_HEADER, InternalTokens
 from gateway.cache import LastKnown
 from common.contracts import DEGRADED_HEADER, UPSTREAM_HEADER
@@ -89,12 +91,14 @@ async def forward_to(service: str, upstream: Upstream, tokens: InternalTokens, l
     """Forward with the caller's identity in an internal token; before the first byte, a failure
     answers from the last good copy (remembered reads) or as a flagged 503."""
     method, path, query = request.method, request.url.path, request.url.query
+    check_path_ids(path)  # before any I/O: an id no resource can have is its 404 here
     remembered = method == "GET" and path in LAST_KNOWN_PATHS
     tenant = identity.principal.subject
     upstream_headers = forward_headers(request.headers, DROP_REQUEST_HEADERS)
     upstream_headers.update(tokens.headers(upstream.audience, identity.principal))
     try:
-        response = await upstream.hop.open(method, path, content=await request.body(), headers=upstream_headers,
+        response = await upstream.hop.open(method, upstream_path(request.scope), content=await request.body(),
+                                           headers=upstream_headers,
                                            params=query or None, retry_ok=may_retry(method, request.headers))
     except UpstreamUnavailable as failure:
         log.warning("upstream failed before first byte", extra={"upstream": failure.upstream,

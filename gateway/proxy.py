@@ -17,14 +17,13 @@ from litestar.response import Stream
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from common.breaker import AsyncBreaker, BreakerOpen
-from common.http import HOP_HEADERS, relay
+from common.http import HOP_HEADERS, UNSENDABLE, relay, unsendable
 
 # Response headers that describe the upstream's framing, not the content.
 _RESPONSE_DROP = HOP_HEADERS | {"content-length", "date", "server", "x-request-id"}
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _MAX_ERROR_BODY = 65_536
-
-
+# the request could not be put on the wire as it is: the caller's input, never the upstream's failure
 async def open_upstream(client: httpx.AsyncClient, request: Request, url: str, *, body: bytes,
                         headers: dict[str, str]) -> httpx.Response:
     """Send and wait for the status line and headers only; the body is relayed later, unbuffered."""
@@ -149,7 +148,10 @@ class Hop:
 
     async def _once(self, method: str, url: str, content: bytes, headers: dict[str, str] | None,
                     params: object) -> httpx.Response:
-        request = self.client.build_request(method, url, content=content, headers=headers, params=params)
+        try:
+            request = self.client.build_request(method, url, content=content, headers=headers, params=params)
+        except UNSENDABLE as exc:
+            raise unsendable(exc) from None
         try:
             async with self.breaker.guard() as attempt:
                 async with asyncio.timeout(self.first_byte_timeout):
@@ -159,6 +161,8 @@ class Hop:
             raise _AttemptFailed(f"connect error: {exc!r}", connect=True) from None
         except (TimeoutError, httpx.TimeoutException):
             raise _AttemptFailed("no first byte in time") from None
+        except UNSENDABLE as exc:  # not a verdict on the upstream (the breaker does not count it)
+            raise unsendable(exc) from None
         except httpx.HTTPError as exc:
             raise _AttemptFailed(f"{type(exc).__name__}: {exc}") from None
         if response.status_code >= 500:

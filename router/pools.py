@@ -49,7 +49,7 @@ class GatewayConnections:
             timeout={"connect": settings.connect_timeout, "read": settings.router_first_byte_timeout,
                      "write": 5.0, "pool": 5.0})
 
-    async def send(self, method: str, url: str, body: bytes, headers: list[tuple[str, str]]) -> httpx.Response:
+    async def send(self, method: str, url: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> httpx.Response:
         """Status line and headers; the body is read (or the connection released) by the caller."""
         parsed = self._urls.get(url)
         if parsed is None:
@@ -116,7 +116,7 @@ class GatewayPool:
                 return member
         return None
 
-    async def send(self, member: Member, method: str, url: str, body: bytes, headers: list[tuple[str, str]],
+    async def send(self, member: Member, method: str, url: str, body: bytes, headers: list[tuple[bytes, bytes]],
                    first_byte_timeout: float) -> httpx.Response:
         """The member's status line and headers (body unread), or MemberDown / TimeoutError / httpx errors."""
         down = member.down_signal()

@@ -30,6 +30,7 @@ from common.http import HOP_HEADERS
 from common.limits import rate_headers, retry_after
 from common.logging import request_id_var, trace_id_var
 from common.metrics import FAILOVERS, FALLBACKS, RATE_LIMITED
+from common.http import UNSENDABLE, unsendable
 from common.sse import error_event
 from router.pools import GatewayPool, Member, MemberDown
 
@@ -84,7 +85,7 @@ class _NoBreaker:
 _NO_BREAKER = _NoBreaker()
 
 
-async def _try_pool(pool: GatewayPool, method: str, path_qs: str, body: bytes, headers: list[tuple[str, str]],
+async def _try_pool(pool: GatewayPool, method: str, path_qs: str, body: bytes, headers: list[tuple[bytes, bytes]],
                     first_byte_timeout: float) -> httpx.Response:
     """A response from a healthy member (trying the next one after a refused connection), or _Failed."""
     breaker = pool.breaker or _NO_BREAKER
@@ -100,6 +101,8 @@ async def _try_pool(pool: GatewayPool, method: str, path_qs: str, body: bytes, h
                     attempt.failed = True
                     member.mark_down("connection refused")
                     raise
+                except UNSENDABLE:
+                    raise
                 except (MemberDown, TimeoutError, httpx.HTTPError):
                     attempt.failed = True
                     raise
@@ -109,6 +112,8 @@ async def _try_pool(pool: GatewayPool, method: str, path_qs: str, body: bytes, h
                                   and UPSTREAM_HEADER not in response.headers)
         except BreakerOpen:
             raise _Failed("circuit open") from None
+        except UNSENDABLE as exc:  # never sent: the caller's 400, no verdict on the gateway, no failover
+            raise unsendable(exc) from None
         except httpx.ConnectError:
             continue  # nothing was sent: the next member may take it
         except MemberDown as exc:
@@ -157,7 +162,7 @@ async def _route(deps: RouterDeps, domain: str, path: str, scope: Scope, receive
     peer = scope["client"][0] if scope.get("client") else ""
     forwarded = request_id = traceparent = None
     length = -1
-    headers: list[tuple[str, str]] = []
+    headers: list[tuple[bytes, bytes]] = []  # relayed as the bytes they came as (latin-1 allowed)
     for name, value in scope["headers"]:
         if name == b"x-forwarded-for":
             forwarded = value.decode("latin-1")
@@ -169,7 +174,7 @@ async def _route(deps: RouterDeps, domain: str, path: str, scope: Scope, receive
         elif name == b"traceparent":
             traceparent = value
         if name not in _DROP_REQUEST:
-            headers.append((name.decode("latin-1"), value.decode("latin-1")))
+            headers.append((name, value))
     ip = forwarded.rsplit(",", 1)[-1].strip() if forwarded and peer in TRUSTED_PROXIES else peer
     decision = await deps.ip_limiter.hit(ip, deps.ip_limit)
     if not decision.allowed:
@@ -180,11 +185,11 @@ async def _route(deps: RouterDeps, domain: str, path: str, scope: Scope, receive
     if length > deps.max_body_bytes:
         raise ApiError(413, "Request body too large.", code="request_too_large")
     body = await _read_body(receive, deps.max_body_bytes)
-    headers.append(("x-forwarded-for", ip))
+    headers.append((b"x-forwarded-for", ip.encode("latin-1")))
     if request_id is None:
-        headers.append(("x-request-id", request_id_var.get()))
+        headers.append((b"x-request-id", request_id_var.get().encode()))
     if traceparent is None:
-        headers.append(("traceparent", f"00-{trace_id_var.get()}-{'0' * 15}1-01"))
+        headers.append((b"traceparent", f"00-{trace_id_var.get()}-{'0' * 15}1-01".encode()))
     query = scope.get("query_string") or b""
     path_qs = path + ("?" + query.decode("latin-1") if query else "")
     method = scope["method"]

@@ -60,6 +60,15 @@ def _call(method: str, path: str, body: dict | None = None, params: dict | None 
     return data
 
 
+def _segment(kind: str, value: str) -> str:
+    """An id as one URL path segment (checked and percent-encoded): "../keys" must not name another route."""
+    from common.contracts import url_id, valid_id
+
+    if not valid_id(kind, value):
+        raise AdminError(f"not a valid {kind} id: {value!r}")
+    return url_id(kind, value)
+
+
 def _when(unix: int | None) -> str:
     return datetime.fromtimestamp(unix, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ") if unix else "-"
 
@@ -103,21 +112,21 @@ def users_list(args: argparse.Namespace) -> dict:
 
 
 def users_set_plan(args: argparse.Namespace) -> dict:
-    user = _call("PATCH", f"/v1/users/{args.user_id}", {"plan": args.plan})
+    user = _call("PATCH", f"/v1/users/{_segment('user', args.user_id)}", {"plan": args.plan})
     if not args.json:
         print(f"user {user['id']} is on plan {user['plan']['name']}: every gateway enforces it from now on")
     return user
 
 
 def users_disable(args: argparse.Namespace) -> dict:
-    user = _call("POST", f"/v1/users/{args.user_id}/disable")
+    user = _call("POST", f"/v1/users/{_segment('user', args.user_id)}/disable")
     if not args.json:
         print(f"user {user['id']} disabled: none of its keys or tokens work any more")
     return user
 
 
 def users_enable(args: argparse.Namespace) -> dict:
-    user = _call("POST", f"/v1/users/{args.user_id}/enable")
+    user = _call("POST", f"/v1/users/{_segment('user', args.user_id)}/enable")
     if not args.json:
         print(f"user {user['id']} enabled")
     return user
@@ -166,7 +175,7 @@ def keys_list(args: argparse.Namespace) -> dict:
 
 
 def keys_revoke(args: argparse.Namespace) -> dict:
-    result = _call("DELETE", f"/v1/keys/{args.key_id}")
+    result = _call("DELETE", f"/v1/keys/{_segment('key', args.key_id)}")
     if not args.json:
         print(f"key {args.key_id} revoked: it fails on every gateway within a second")
     return result
@@ -175,7 +184,7 @@ def keys_revoke(args: argparse.Namespace) -> dict:
 def keys_rotate(args: argparse.Namespace) -> dict:
     # one Idempotency-Key for every attempt: a retry gets the first rotation's answer, never a second
     # rotation that would leave the caller without the secret it made
-    key = _call("POST", f"/v1/keys/{args.key_id}/rotate", {"grace_seconds": args.grace},
+    key = _call("POST", f"/v1/keys/{_segment('key', args.key_id)}/rotate", {"grace_seconds": args.grace},
                 idempotency_key=f"cli-rotate-{uuid.uuid4().hex}")
     if not args.json:
         until = key.get("previous_secret_expires_at")

@@ -58,7 +58,7 @@ class Gateway:
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
-        self.seen.append({"headers": httpx.Headers([(k.decode(), v.decode()) for k, v in scope["headers"]]),
+        self.seen.append({"headers": httpx.Headers(scope["headers"]),
                           "body": body, "target": scope["raw_path"] + b"?" + scope["query_string"]})
         mode = self.script.pop(0) if self.script else "ok"
 
@@ -69,6 +69,8 @@ class Gateway:
 
         if mode == "500":
             return await answer(500, {"error": {"message": "boom"}})
+        if mode == "400":
+            return await answer(400, {"error": {"message": "bad request", "code": "invalid_value"}})
         if mode == "upstream":
             return await answer(503, {"error": {"message": "signing unavailable", "code": "signing_unavailable"}},
                                 ((b"x-dualgate-upstream", b"auth"),))
@@ -223,3 +225,39 @@ async def test_the_path_and_query_reach_the_gateway_as_the_client_sent_them(edge
     response = await edge.http.get("/v1/models/a%2Fb?limit=2&after=x")
     assert response.status_code == 200 and response.headers["x-dualgate-route"] == "ai"
     assert edge.primary.seen[-1]["target"] == b"/v1/models/a%2Fb?limit=2&after=x"
+
+
+# ---- issue 23: a caller's malformed request is its own 400, never an outage for everyone ----------
+
+async def test_a_gateways_4xx_is_relayed_never_a_breaker_failure_nor_a_failover(edge):
+    edge.primary.script.extend(["400"] * 10)
+    for _ in range(10):
+        response = await edge.http.get("/v1/models")
+        assert response.status_code == 400 and response.headers["x-dualgate-route"] == "ai"
+    assert edge.fallback.seen == [] and edge.breaker.state == "closed"
+
+
+async def test_a_latin1_header_is_relayed_as_its_bytes(edge):
+    response = await edge.http.get("/v1/models", headers={"user-agent": "é".encode()})
+    assert response.status_code == 200 and response.headers["x-dualgate-route"] == "ai"
+    assert edge.primary.seen[-1]["headers"]["user-agent"] == "é"
+
+
+@pytest.mark.parametrize(("target", "headers", "param"), [
+    ("/v1/conversations/a%01b", {}, None),
+    ("/v1/models/a%00b", {}, None),
+    ("/v1/models/%2e%2e/keys", {}, None),
+    ("/v1/models/%ff", {}, None),
+    ("/v1/conversations?before=%00", {}, "before"),
+    ("/v1/conversations?before=%ff", {}, None),
+    ("/v1/chat/completions", {"idempotency-key": "ключ".encode()}, "Idempotency-Key"),
+    ("/v1/chat/completions", {"idempotency-key": b"a\x7fb"}, "Idempotency-Key"),
+    ("/v1/chat/completions", {"x-request-id": "é".encode()}, "X-Request-ID"),
+    ("/v1/chat/completions", {"user-agent": b"a\x01b"}, "user-agent"),
+])
+async def test_malformed_requests_are_a_400_at_the_router_and_no_gateway_sees_them(edge, target, headers, param):
+    response = await edge.http.post(target, content=b"{}", headers=headers)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    assert edge.primary.seen == [] and edge.fallback.seen == [] and edge.breaker.state == "closed"

@@ -9,7 +9,7 @@ import uuid
 
 import msgspec
 
-from common.authn import Verdict, judge
+from gateway.authn import Verdict, judge
 from common.contracts import AuthChange, KeyPrincipal
 from identity_support import bearer, new_key, new_user, wait_until
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import httpx
 import msgspec
 
-from common.contracts import PlanLimits
+from common.contracts import PlanLimits, url_id, valid_id
 from common.errors import unavailable
 from common.security import InternalTokens, service_principal
 
@@ -31,8 +31,10 @@ class UsersClient:
 
     async def facts(self, user_id: str) -> UserFacts | None:
         """The user, or None when there is no such user; 503 when the users service cannot say."""
+        if not valid_id("user", user_id):  # cannot name a user: none, without asking
+            return None
         try:
-            resp = await self.client.get(f"/internal/users/{user_id}", timeout=USERS_TIMEOUT,
+            resp = await self.client.get(f"/internal/users/{url_id('user', user_id)}", timeout=USERS_TIMEOUT,
                                          headers=self.tokens.headers("users", self._principal))
         except httpx.HTTPError:
             raise unavailable("The users service is unreachable.", code="users_unavailable") from None

@@ -8,7 +8,7 @@ import time
 import httpx
 import msgspec
 
-from common.contracts import ModelRecord
+from common.contracts import ModelRecord, url_id
 from common.errors import ApiError, unavailable
 from common.security import InternalTokens, service_principal
 
@@ -28,8 +28,9 @@ class ModelResolver:
         cached = self._cache.get(model_id)
         if cached and cached[1] > time.monotonic():
             return cached[0]
+        path = f"/internal/models/{url_id('model', model_id)}"  # an id that cannot name a model: its 404
         try:
-            resp = await self.client.get(f"/internal/models/{model_id}",
+            resp = await self.client.get(path,
                                          headers=self.tokens.headers("models", self._principal))
         except httpx.HTTPError:
             if cached:  # stale beats unavailable

@@ -13,6 +13,7 @@ import time
 import httpx
 import msgspec
 
+from common.contracts import url_id, valid_id
 from common.security import InternalTokens, Principal, service_principal
 
 log = logging.getLogger(__name__)
@@ -42,11 +43,13 @@ class AllowedModels:
         """The model ids this caller may use; None means all of them."""
         if principal.is_admin or principal.subject.startswith("service:"):
             return None
+        if not valid_id("user", principal.subject):  # no such user: no plan, no models
+            return frozenset()
         cached = self._cache.get(principal.subject)
         if cached and cached[1] > time.monotonic():
             return cached[0]
         try:
-            resp = await self.client.get(f"/internal/users/{principal.subject}",
+            resp = await self.client.get(f"/internal/users/{url_id('user', principal.subject)}",
                                          headers=self.tokens.headers("users", self._self))
             if resp.status_code != 200:
                 raise httpx.HTTPStatusError(f"users answered {resp.status_code}", request=resp.request,

@@ -5,7 +5,10 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-ModelId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")]
+from common.contracts import ID_PATTERNS
+
+# the kit's pattern: an id registered here is one every hop can put into a URL
+ModelId = Annotated[str, Meta(pattern=ID_PATTERNS["model"])]
 WorkerUrl = Annotated[str, Meta(pattern=r"^https?://[A-Za-z0-9.\-\[\]:]+(/[^\s]*)?$", max_length=512)]
 Tokenizer = Annotated[str, Meta(pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]{0,200})?$")]
 Engine = Literal["cpu", "synthetic", "sglang"]
