@@ -1,4 +1,4 @@
-"""`dualgate`: the platform's command line (up, down, status, bench)."""
+"""`dualgate`: the platform's command line (up, down, status; admin, secrets, drills, benches, chat)."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 # Commands that live in their own modules: each has `register(subparsers)` and imports its heavy
 # dependencies lazily, so `dualgate status` stays fast.
-COMMAND_MODULES = ("stack.bench", "stack.admin", "stack.secrets", "stack.drill")
+COMMAND_MODULES = ("stack.bench", "stack.admin", "stack.secrets", "stack.drill", "stack.chat")
 
 
 def build_parser() -> argparse.ArgumentParser:
