@@ -270,7 +270,10 @@ async def test_a_long_stream_keeps_its_hold_past_the_reservation_ttl(connect):
 async def test_one_round_trip_admission_counts_exactly_and_holds_tokens_only_for_what_it_admits(connect):
     """requests/min and the token reservation in one script, from two replicas at once: 25 of 60 parallel
     requests pass the limit, and of those only the 10 that fit today's 100 tokens hold any."""
-    replicas = [(RequestRateLimiter(connect(), "key"), TokenBudget(connect())) for _ in range(2)]
+    # the exact counts are the scripts' doing: a generous Redis bound keeps a busy machine from turning
+    # this into a test of the in-process stand-in
+    replicas = [(RequestRateLimiter(connect(), "key", timeout=2.0), TokenBudget(connect(), timeout=2.0))
+                for _ in range(2)]
     key, user = name(), name()
     answers = await asyncio.gather(*(budget.admit(KeyRate(limiter, key, 25), user, 10, 100)
                                      for limiter, budget in (replicas[i % 2] for i in range(60))))
