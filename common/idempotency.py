@@ -66,6 +66,11 @@ def idempotency_key(headers) -> str | None:
     return key
 
 
+def key_in_use() -> ApiError:
+    return ApiError(409, "A request with this Idempotency-Key is still being answered; retry shortly.",
+                    param="Idempotency-Key", code="idempotency_key_in_use", headers={"Retry-After": "1"})
+
+
 def reused_key() -> ApiError:
     return ApiError(422, "This Idempotency-Key was already used with a different request.",
                     param="Idempotency-Key", code="idempotency_key_reused")
@@ -96,12 +101,16 @@ class AnswerBook:
         self._local: OrderedDict[tuple[str, str], TurnEvent] = OrderedDict()  # while Redis is away
 
     async def find(self, user_id: str, key: str) -> TurnEvent | None:
+        """The key's first answer; the 409 while the chat service answers it (its claim lives on only
+        while that answer goes on: CLAIM_TTL after a crash), so no layer gives the key a second answer."""
         try:
             async with asyncio.timeout(REDIS_TIMEOUT):
                 blob = await self.redis.get(redis_key(user_id, key))
         except REDIS_ERRORS as exc:
             log.warning("idempotency answers are local only", extra={"error": f"{type(exc).__name__}: {exc}"})
             blob = None
+        if blob and blob.startswith(ANSWERING):
+            raise key_in_use()
         found = unsealed_turn(self.tokens, blob) if blob else None
         return found or self._local.get((user_id, key))
 

@@ -628,3 +628,15 @@ async def test_a_streamed_degraded_answer_becomes_the_requests_turn_flagged_with
     assert turn.usage.completion_tokens > 0 and turn.finish_reason == "stop"
     # the same id the chat service would give this request's turn: stored once, whoever answered
     assert turn.turn_id == turn_id_for("alice", "req-degraded-1", asked)
+
+
+async def test_while_the_chat_service_answers_a_key_the_chain_gives_it_no_second_answer(gateway, redis):
+    await seen_before(gateway)
+    key = f"k-{uuid.uuid4().hex}"
+    assert await IdempotencyClaims(redis, gateway.tokens).claim("alice", key) is None  # chat answers it now
+    gateway.chat.script.append(503)
+    asked = gateway.inference.calls
+    busy = await gateway.http().post("/v1/chat/completions", json=ask("still going", temperature=0.7),
+                                     headers={"idempotency-key": key})
+    assert busy.status_code == 409 and busy.json()["error"]["code"] == "idempotency_key_in_use"
+    assert busy.headers["retry-after"] == "1" and gateway.inference.calls == asked

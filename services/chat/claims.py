@@ -7,7 +7,8 @@ for ANSWERED_TTL, longer than the writer needs to persist it; the database is th
 A request with the same key that lands on another replica meanwhile (a gateway retry, a client retry
 through the Service) gets the 409 while the key is being answered and the replayed answer once there
 is one, never a second generation. Redis away or slow: the claim is this process's alone, as it would
-be with one replica.
+be with one replica. The answer's Redis key is shared with the gateways' fallback layers
+(common.idempotency): whichever layer answers a key first, its answer is the one kept and replayed.
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ import msgspec
 from redis.asyncio import Redis
 
 from common.contracts import TurnEvent
-from common.errors import ApiError
 from common.idempotency import (
-    ANSWERED_TTL, ANSWERING, KEEP_FIRST, REDIS_ERRORS, REDIS_TIMEOUT, redis_key, unsealed_turn,
+    ANSWERED_TTL, ANSWERING, KEEP_FIRST, REDIS_ERRORS, REDIS_TIMEOUT, key_in_use, redis_key, unsealed_turn,
 )
 from common.security import InternalTokens
 
@@ -34,11 +34,6 @@ RENEW_AFTER = 10.0  # an answer still going renews its claim this often
 # only while the claim is still this request's: not once answered, not another's after it expired
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 _RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
-
-
-def key_in_use() -> ApiError:
-    return ApiError(409, "A request with this Idempotency-Key is still being answered; retry shortly.",
-                    param="Idempotency-Key", code="idempotency_key_in_use", headers={"Retry-After": "1"})
 
 
 class IdempotencyClaims:

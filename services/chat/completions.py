@@ -74,9 +74,11 @@ async def chat_completion(request: Request, deps) -> Response | Stream:
     turn_id = turn_id_for(principal.subject, request_id_var.get(), asked)
     slot = (principal.subject, key) if key else None
     if slot:
-        stored = await _stored_turn(deps, *slot)
-        if stored is None:
-            stored = await deps.claims.claim(*slot)  # another replica's answer, a 409, or the key is ours
+        # Redis first: it holds the key's first answer from any layer (a gateway's fallback layer may have
+        # answered it while this service was slow or down); then what outlived it there (spool, database)
+        stored = await deps.claims.claim(*slot)  # the key's answer, a 409, or the key is ours
+        if stored is None and (stored := await _stored_turn(deps, *slot)) is not None:
+            deps.claims.release(*slot)
         if stored is not None:
             if stored.request_hash and stored.request_hash != asked:
                 raise reused_key()
