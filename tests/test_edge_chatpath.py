@@ -17,6 +17,7 @@ import httpx
 import msgspec
 import openai
 import pytest
+from aiokafka.errors import KafkaConnectionError
 from litestar import Litestar, Request, post
 from litestar.datastructures import State
 from redis.asyncio import Redis
@@ -28,7 +29,7 @@ from common.contracts import PlanLimits, TurnEvent, turn_id_for
 from common.errors import EXCEPTION_HANDLERS
 from common.idempotency import AnswerBook
 from common.limits import RequestRateLimiter, TokenBudget
-from common.openai_schema import ChatCompletionRequest, request_hash
+from common.openai_schema import ChatCompletionRequest, Usage, request_hash
 from common.proxy import Hop, RetryBudget, UpstreamUnavailable
 from common.security import InternalTokens, Principal
 from common.sse import StreamTap
@@ -37,6 +38,7 @@ from fallback.cache import CacheEntry, ResponseCache
 from fallback.chain import CachedAnswer, ChainRequest, FallbackChain, LocalModel, SimplifiedModel
 from fallback.chatpath import ChatPath
 from fallback.forward import key_rate
+from fallback.turns import TurnLog
 from services.chat.claims import IdempotencyClaims
 
 MODEL = "synthetic"
@@ -640,3 +642,28 @@ async def test_while_the_chat_service_answers_a_key_the_chain_gives_it_no_second
                                      headers={"idempotency-key": key})
     assert busy.status_code == 409 and busy.json()["error"]["code"] == "idempotency_key_in_use"
     assert busy.headers["retry-after"] == "1" and gateway.inference.calls == asked
+
+
+async def test_degraded_turns_wait_while_the_broker_is_away_and_go_out_once_it_returns():
+    class FlakyBroker:
+        connected = True
+
+        def __init__(self) -> None:
+            self.refusals = 2
+            self.sent: list[tuple[str, str, str]] = []
+
+        async def publish(self, topic: str, key: str, event: TurnEvent) -> None:
+            if self.refusals:
+                self.refusals -= 1
+                raise KafkaConnectionError("broker away")
+            self.sent.append((topic, key, event.turn_id))
+
+    broker = FlakyBroker()
+    turns = TurnLog(broker, "gateway-test")
+    await turns.start()
+    turn = TurnEvent(turn_id="turn_x", conversation_id="conv_x", user_id="alice", model="m", request_messages=[],
+                     assistant="hi", finish_reason="stop", usage=Usage(1, 1, 2), created=1.0, degraded="simplified")
+    turns.record(turn)
+    await eventually(lambda: broker.sent, timeout=5)
+    await turns.stop()
+    assert broker.sent == [("chat.turns.v1", "conv_x", "turn_x")] and turns.pending == 0
