@@ -193,14 +193,13 @@ class ChatPath:
         asked = request_hash(body)
         try:
             idempotent = idempotency_key(passed) or ""
-            if idempotent and self.answers is not None and (first := await self.answers.find(tenant, idempotent)):
-                if first.request_hash and first.request_hash != asked:
-                    raise reused_key()
-                await self._settle(reservation, 0)
-                return replay_answer(first, body.stream, include_usage, _unflagged(headers))
+            first = await self._first_answer(tenant, idempotent, asked)
         except ApiError:
             await self._settle(reservation, 0)
             raise
+        if first is not None:
+            await self._settle(reservation, 0)
+            return replay_answer(first, body.stream, include_usage, _unflagged(headers))
         answer = await self.chain.answer(ChainRequest(identity=identity, body=body, cache_key=key, reason=reason,
                                                       extra_headers=passed, request_hash=asked,
                                                       model_known=body.model in self._known_models))
@@ -221,6 +220,16 @@ class ChatPath:
             return replay(answer.entry, headers)
         return await self._render(answer.response, body, None, reservation, prompt, include_usage, headers,
                                   keep=keep)
+
+    async def _first_answer(self, tenant: str, idempotent: str, asked: str) -> TurnEvent | None:
+        """The key's first answer from any layer; the 422 for a key used with another request, the 409
+        while the chat service answers it."""
+        if not idempotent or self.answers is None:
+            return None
+        first = await self.answers.find(tenant, idempotent)
+        if first is not None and first.request_hash and first.request_hash != asked:
+            raise reused_key()
+        return first
 
     async def _keep(self, keep: _Keep, text: AnswerText) -> TurnEvent:
         """Keep a layer's answer as its key's first, unless another came first (returned instead);
