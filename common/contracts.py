@@ -5,7 +5,9 @@ Kept in the kit because deployables never import each other.
 
 from __future__ import annotations
 
+import hashlib
 import re
+import uuid
 from urllib.parse import quote
 
 import msgspec
@@ -24,6 +26,9 @@ CACHE_HEADER = "x-cache"  # hit | miss, on cacheable chat answers
 REPLAY_HEADER = "x-dualgate-idempotent-replay"  # an answer replayed for its Idempotency-Key
 TURN_HEADER = "x-dualgate-turn-id"
 CONVERSATION_HEADER = "x-dualgate-conversation-id"
+# from a gateway's model-fallback layer to the chat service: the hash of what the client asked (its model,
+# not the fallback's), so the turn's identity and the key's check agree with every other layer's
+REQUEST_HASH_HEADER = "x-dualgate-request-hash"
 
 TURNS_TOPIC = "chat.turns.v1"
 USAGE_TOPIC = "usage.events.v1"
@@ -230,6 +235,18 @@ class TurnEvent(msgspec.Struct, kw_only=True):
     idempotency_key: str = ""
     request_hash: str = ""  # sha256 of the request body, so a reused key with another body is refused
     completion_id: str = ""  # the chat.completion id the client saw
+    # additive (issue 23): the fallback layer that answered ("model-fallback", "cache", "simplified"), or ""
+    degraded: str = ""
+
+
+def turn_id_for(user_id: str, request_id: str, request_hash: str) -> str:
+    """A request's turn id: the same on every hop, retry and failover of that request (its edge request
+    id and what it asks), so whichever hop answers it, the spool and the writer store it once. A
+    request id reused for another request names another turn."""
+    if not request_id:
+        return f"turn_{uuid.uuid4().hex}"
+    digest = hashlib.sha256(f"{user_id}\0{request_id}\0{request_hash}".encode()).hexdigest()
+    return f"turn_{digest[:32]}"
 
 
 class UsageEvent(msgspec.Struct, kw_only=True):

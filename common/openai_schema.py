@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from typing import Annotated, Literal
@@ -144,3 +145,10 @@ def completion_id() -> str:
 
 def now() -> int:
     return int(time.time())
+
+
+def request_hash(body: ChatCompletionRequest) -> str:
+    """What a request asks, whatever its delivery (a stored answer replays streamed or not): the same
+    on every hop, so a turn's identity and an Idempotency-Key's check agree across layers."""
+    asked = msgspec.structs.replace(body, stream=False, stream_options=None)
+    return hashlib.sha256(msgspec.json.encode(asked)).hexdigest()

@@ -32,6 +32,7 @@ from gateway.authn import Identity
 from common.contracts import ModelRecord, url_id, valid_id
 from common.engines.base import GenerationRequest
 from common.engines.render import completion, sse_chunks
+from common.contracts import DEGRADED_HEADER, REQUEST_HASH_HEADER
 from common.openai_schema import ChatCompletionRequest, EngineSpec, InferenceRequest, StreamOptions
 from gateway.proxy import Hop, UpstreamUnavailable
 from common.security import InternalTokens, service_principal
@@ -55,6 +56,7 @@ class ChainRequest:
     reason: str
     extra_headers: dict[str, str]  # request headers to pass on (idempotency key)
     model_known: bool = True  # the chat service has answered for this model before
+    request_hash: str = ""  # what the client asked (common.openai_schema.request_hash)
 
 
 @dataclass
@@ -132,8 +134,9 @@ class ModelFallback:
         if not fallback_model or fallback_model == request.body.model:
             return None
         content = _encoder.encode(upstream_body(request.body, model=fallback_model))
+        # the chat service stores this turn itself: flagged, and under what the client asked
         headers = {**request.extra_headers, **self.tokens.headers("chat", request.identity.principal),
-                   "content-type": JSON}
+                   "content-type": JSON, DEGRADED_HEADER: self.name, REQUEST_HASH_HEADER: request.request_hash}
         try:
             response = await self.chat.open("POST", "/v1/chat/completions", content=content, headers=headers)
         except UpstreamUnavailable:

@@ -4,7 +4,10 @@ the fallback chain, and a relay that reads only what it must.
     cache hit            -> replayed (`x-cache: hit`), same event groups, no tokens charged
     reserve tokens       -> 429 when today's budget cannot hold the request's maximum cost
     chat service         -> relayed as it arrives; usage read from the final chunk; settled after
-    failure before byte  -> the fallback chain, flagged `x-dualgate-degraded: <layer>`; else a degraded 503
+    failure before byte  -> the fallback chain, flagged `x-dualgate-degraded: <layer>`; else a degraded 503;
+                            an Idempotency-Key's first answer (any layer's) is replayed instead, and a
+                            layer's answer is kept for the key and published as the request's turn
+                            (flagged with its layer) for the chat writer (fallback/turns.py)
     failure after byte   -> a terminal error event, then [DONE]: never a silent cut
     budget crossed       -> the stream is stopped with a terminal error event
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -23,19 +27,22 @@ from litestar import Request, Response
 from litestar.response import Stream
 
 from gateway.authn import Identity
-from common.contracts import invalid_id, valid_id
+from common.contracts import DEGRADED_HEADER, TurnEvent, invalid_id, turn_id_for, valid_id
 from common.errors import ApiError, decode_body
 from common.http import finish
+from common.idempotency import AnswerBook, AnswerText, answer_text, idempotency_key, reused_key
+from common.idempotency import replay as replay_answer
 from common.limits import KeyRate, Reservation, TokenBudget, rate_headers, retry_after
+from common.logging import request_id_var
 from common.metrics import CACHE_HITS, CACHE_MISSES, FALLBACKS, RATE_LIMITED, stage_done
-from common.openai_schema import ChatCompletionRequest, Usage
+from common.openai_schema import ChatCompletionRequest, Usage, request_hash
 from gateway.proxy import Hop, UpstreamUnavailable, response_headers
 from common.sse import SSE_HEADERS, StreamTap, error_event
 from gateway.cache import CacheEntry, ResponseCache, cache_key
-from fallback.chain import ChainRequest, FallbackChain, FromCache, upstream_body
-from common.contracts import DEGRADED_HEADER
+from fallback.chain import ChainRequest, FallbackChain, FromCache, ModelFallback, upstream_body
 from fallback.degraded import degraded_response
 from gateway.forward import admit, read_body, refused
+from fallback.turns import TurnLog
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +63,31 @@ _usage_decoder = msgspec.json.Decoder(_UsageOnly)
 def estimate_prompt_tokens(body: ChatCompletionRequest) -> int:
     """An upper-leaning guess (4 characters a token, plus framing) until the real usage settles it."""
     return sum(len(m.text()) // 4 + 4 for m in body.messages) + 2
+
+
+@dataclass
+class _Keep:
+    """A fallback layer's answer to keep: as the request's turn, and as its Idempotency-Key's answer."""
+
+    user_id: str
+    key: str  # "" without an Idempotency-Key
+    asked: str  # the request's hash
+    layer: str
+    body: ChatCompletionRequest
+    request_id: str = field(default_factory=request_id_var.get)
+
+    def turn(self, text: AnswerText) -> TurnEvent:
+        return TurnEvent(
+            turn_id=turn_id_for(self.user_id, self.request_id, self.asked),
+            conversation_id=self.body.conversation_id or f"conv_{uuid.uuid4().hex}", user_id=self.user_id,
+            model=text.model or self.body.model, request_messages=self.body.plain_messages(),
+            assistant=text.assistant, finish_reason=text.finish_reason, usage=text.usage,
+            request_id=self.request_id, created=time.time(), idempotency_key=self.key, request_hash=self.asked,
+            completion_id=text.completion_id, degraded=self.layer)
+
+
+def _unflagged(headers: dict[str, str]) -> dict[str, str]:
+    return {name: value for name, value in headers.items() if name != DEGRADED_HEADER}
 
 
 def check_plan(body: ChatCompletionRequest, identity: Identity) -> None:
@@ -82,6 +114,8 @@ class ChatPath:
     budget: TokenBudget
     initial_hold: int = 256
     total_timeout: float = 300.0
+    answers: AnswerBook | None = None  # each Idempotency-Key's first answer, shared with the chat service
+    turns: TurnLog | None = None  # the fallback layers' turns, on their way to the chat writer
     _background: set[asyncio.Task] = field(default_factory=set)
     # models the chat service has answered for: the chain never stands in for a model nobody has seen
     _known_models: set[str] = field(default_factory=set)
@@ -157,25 +191,65 @@ class ChatPath:
                          passed: dict[str, str], reservation: Reservation | None, prompt: int, include_usage: bool,
                          headers: dict[str, str]) -> Response | Stream:
         log.warning("chat failed before the first byte; fallback chain", extra={"reason": reason})
+        tenant = identity.principal.subject
+        asked = request_hash(body)
+        try:
+            idempotent = idempotency_key(passed) or ""
+            first = await self._first_answer(tenant, idempotent, asked)
+        except ApiError:
+            await self._settle(reservation, 0)
+            raise
+        if first is not None:
+            await self._settle(reservation, 0)
+            return replay_answer(first, body.stream, include_usage, _unflagged(headers))
         answer = await self.chain.answer(ChainRequest(identity=identity, body=body, cache_key=key, reason=reason,
-                                                      extra_headers=passed,
+                                                      extra_headers=passed, request_hash=asked,
                                                       model_known=body.model in self._known_models))
-        if answer is None:
+        if answer is None:  # a degraded 503 is no answer: nothing to keep or replay
             await self._settle(reservation, 0)
             return degraded_response(self.service, reason, headers)
         FALLBACKS.labels(self.service, answer.layer).inc()
         headers[DEGRADED_HEADER] = answer.layer
+        # the chat service keeps a model-fallback answer itself, as it does every answer it gives
+        keep = None if answer.layer == ModelFallback.name else _Keep(tenant, idempotent, asked, answer.layer, body)
         if isinstance(answer, FromCache):
             await self._settle(reservation, 0)
+            text = answer_text(answer.entry.parts, answer.entry.stream)
+            if keep is not None and text is not None:
+                first = await self._keep(keep, text)
+                if first.request_id != keep.request_id:  # another request's answer to this key came first
+                    return replay_answer(first, body.stream, include_usage, _unflagged(headers))
             return replay(answer.entry, headers)
-        return await self._render(answer.response, body, None, reservation, prompt, include_usage, headers)
+        return await self._render(answer.response, body, None, reservation, prompt, include_usage, headers,
+                                  keep=keep)
+
+    async def _first_answer(self, tenant: str, idempotent: str, asked: str) -> TurnEvent | None:
+        """The key's first answer from any layer; the 422 for a key used with another request, the 409
+        while the chat service answers it."""
+        if not idempotent or self.answers is None:
+            return None
+        first = await self.answers.find(tenant, idempotent)
+        if first is not None and first.request_hash and first.request_hash != asked:
+            raise reused_key()
+        return first
+
+    async def _keep(self, keep: _Keep, text: AnswerText) -> TurnEvent:
+        """Keep a layer's answer as its key's first, unless another came first (returned instead);
+        the first is the request's turn, published for the chat writer."""
+        turn = keep.turn(text)
+        first = await self.answers.keep_first(turn) if keep.key and self.answers is not None else turn
+        if first is turn and self.turns is not None:
+            self.turns.record(turn)
+        return first
 
     async def _render(self, response: httpx.Response, body: ChatCompletionRequest, key: str | None,
                       reservation: Reservation | None, prompt: int, include_usage: bool,
-                      headers: dict[str, str], opened: float | None = None) -> Response | Stream:
+                      headers: dict[str, str], opened: float | None = None,
+                      keep: _Keep | None = None) -> Response | Stream:
         if response.headers.get("content-type", "").startswith(SSE):
-            return Stream(self._relay(response, key, reservation, prompt, include_usage, opened), status_code=200,
-                          media_type=SSE, headers={**SSE_HEADERS, **response_headers(response, headers)})
+            return Stream(self._relay(response, key, reservation, prompt, include_usage, opened, keep),
+                          status_code=200, media_type=SSE,
+                          headers={**SSE_HEADERS, **response_headers(response, headers)})
         try:
             content = await read_body(response, self.total_timeout)
         except ApiError:
@@ -188,13 +262,20 @@ class ChatPath:
         await self._settle(reservation, usage.total_tokens if usage else prompt)
         if key is not None and usage is not None:
             self.cache.put(key, CacheEntry(stored_at=time.time(), stream=False, content_type=JSON, parts=[content]))
+        if keep is not None and (text := answer_text([content], False)) is not None:
+            first = await self._keep(keep, text)
+            if first.request_id != keep.request_id:  # another request's answer to this key came first
+                return replay_answer(first, False, False, _unflagged(headers))
         return Response(content, status_code=200, headers=response_headers(response, headers), media_type=JSON)
 
     async def _relay(self, response: httpx.Response, key: str | None, reservation: Reservation | None,
-                     prompt: int, include_usage: bool, opened: float | None) -> AsyncIterator[bytes]:
-        """`opened`: when the chat service's headers came (None for the fallback chain's answers)."""
+                     prompt: int, include_usage: bool, opened: float | None,
+                     keep: _Keep | None = None) -> AsyncIterator[bytes]:
+        """`opened`: when the chat service's headers came (None for the fallback chain's answers).
+        `keep`: a fallback layer's answer, kept (for its key, as its turn) before its end is relayed."""
         tap = StreamTap(drop_usage=not include_usage)
         parts: list[bytes] | None = [] if key is not None else None
+        said: list[bytes] | None = [] if keep is not None else None  # as the layer sent it, usage included
         deadline = time.monotonic() + self.total_timeout
         counted = 0
         failure: bytes | None = None
@@ -202,6 +283,8 @@ class ChatPath:
         try:
             try:
                 async for chunk in chunks:
+                    if said is not None:
+                        said.append(chunk)
                     out = tap.feed(chunk)
                     if not out:
                         continue
@@ -216,6 +299,8 @@ class ChatPath:
                     if opened is not None:  # once per answer
                         stage_done(self.service, "first_event", opened)
                         opened = None
+                    if said is not None and tap.complete and (text := answer_text(said, True)) is not None:
+                        await self._keep(keep, text)  # before the end: a retry after it finds the answer
                     yield out
                     if tap.done:
                         break

@@ -7,14 +7,18 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
+from common.audit import AuditLog
 from common.breaker import AsyncBreaker
 from common.http import upstream_client
+from common.idempotency import AnswerBook
 from common.metrics import FALLBACKS
 from gateway.proxy import Hop, RetryBudget
 from common.security import InternalTokens
 from common.settings import Settings
 from gateway.cache import ResponseCache
 from fallback.chain import CachedAnswer, FallbackChain, LocalModel, ModelFallback, SimplifiedModel
+from fallback.chatpath import ChatPath
+from fallback.turns import TurnLog
 
 
 # The limits' wait on Redis before the in-process share decides. Wider than the kit's default: the
@@ -66,6 +70,18 @@ async def build_chain(settings: Settings, stack: contextlib.AsyncExitStack, hops
         SimplifiedModel(hops["inference"], tokens, settings.simplified_model, settings.simplified_max_tokens,
                         service, local),
     ])
+
+
+async def keeping(chat_path: ChatPath, redis: Redis, tokens: InternalTokens, audit: AuditLog,
+                  stack: contextlib.AsyncExitStack) -> ChatPath:
+    """The chat path's fallback layers keep their answers: for the Idempotency-Key (Redis, shared with the
+    chat service) and as turns, published with the audit log's producer (drained before it stops)."""
+    turns = TurnLog(audit.publisher, chat_path.service)
+    await turns.start()
+    stack.push_async_callback(turns.stop)
+    chat_path.answers = AnswerBook(redis, tokens)
+    chat_path.turns = turns
+    return chat_path
 
 
 def gateway_status(service: str, hops: dict[str, Hop], cache: ResponseCache,

@@ -26,7 +26,7 @@ from common.settings import Settings
 from gateway.cache import LastKnown, ResponseCache
 from gateway.chatpath import ChatPath
 from gateway.forward import Upstream
-from gateway.wiring import LIMITS_REDIS_TIMEOUT, build_chain, build_hops, gateway_status
+from gateway.wiring import LIMITS_REDIS_TIMEOUT, build_chain, build_hops, gateway_status, keeping
 from gateway_fallback.routes import route_handlers
 
 AUTH_TIMEOUT = 2.0
@@ -73,21 +73,22 @@ def create_app(settings: Settings | None = None) -> Litestar:
             stack.push_async_callback(auth_client.aclose)
             auth_redis = redis_client(settings)  # apart from the limits' and cache's pool, as in the primary
             stack.push_async_callback(auth_redis.aclose)
+            audit = await audit_log(settings, stack)
             # the snapshot: keeps working while the auth service and Redis are down
             auth = SnapshotAuthenticator(auth_redis, tokens, auth_client=auth_client, service=service_name,
                                          issuer=settings.jwt_issuer, audience=settings.jwt_audience,
-                                         max_age=settings.auth_snapshot_max_age,
-                                         audit=await audit_log(settings, stack))
+                                         max_age=settings.auth_snapshot_max_age, audit=audit)
             await auth.start()
             stack.push_async_callback(auth.stop)
             cache = ResponseCache(redis, ttl=settings.cache_ttl, stale_ttl=settings.cache_stale_ttl,
                                   local_entries=settings.cache_local_entries)
             stack.push_async_callback(cache.drain)
-            chat_path = ChatPath(service=service_name, tokens=tokens, chat=hops["chat"],
-                                 chain=await build_chain(settings, stack, hops, tokens, cache, service_name), cache=cache,
-                                 budget=TokenBudget(redis, replicas=settings.gateway_replicas,
-                                                    timeout=LIMITS_REDIS_TIMEOUT),
-                                 initial_hold=settings.initial_token_hold, total_timeout=settings.total_timeout)
+            chat_path = await keeping(ChatPath(
+                service=service_name, tokens=tokens, chat=hops["chat"],
+                chain=await build_chain(settings, stack, hops, tokens, cache, service_name), cache=cache,
+                budget=TokenBudget(redis, replicas=settings.gateway_replicas, timeout=LIMITS_REDIS_TIMEOUT),
+                initial_hold=settings.initial_token_hold, total_timeout=settings.total_timeout),
+                redis, tokens, audit, stack)
             app.state.deps = FallbackDeps(
                 service=service_name, tokens=tokens, auth=auth, hops=hops,
                 upstreams={name: Upstream(audience=name, hop=hops[name]) for name in ("models", "users")},

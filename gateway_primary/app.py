@@ -22,7 +22,7 @@ from common.settings import Settings
 from gateway.cache import LastKnown, ResponseCache
 from gateway.chatpath import ChatPath
 from gateway.forward import Upstream
-from gateway.wiring import LIMITS_REDIS_TIMEOUT, build_chain, build_hops, gateway_status
+from gateway.wiring import LIMITS_REDIS_TIMEOUT, build_chain, build_hops, gateway_status, keeping
 from gateway_primary.routes import route_handlers
 
 AUTH_TIMEOUT = 2.0  # an introspection that takes longer is a failure, not a wait
@@ -72,18 +72,19 @@ def create_app(settings: Settings | None = None) -> Litestar:
             cache = ResponseCache(redis, ttl=settings.cache_ttl, stale_ttl=settings.cache_stale_ttl,
                                   local_entries=settings.cache_local_entries)
             stack.push_async_callback(cache.drain)
+            audit = await audit_log(settings, stack)
             chat_path = None
             if settings.domain == "ai":
-                chat_path = ChatPath(service=service_name, tokens=tokens, chat=hops["chat"],
-                                     chain=await build_chain(settings, stack, hops, tokens, cache, service_name), cache=cache,
-                                     budget=TokenBudget(redis, replicas=settings.gateway_replicas,
-                                                        timeout=LIMITS_REDIS_TIMEOUT),
-                                     initial_hold=settings.initial_token_hold, total_timeout=settings.total_timeout)
+                chat_path = await keeping(ChatPath(
+                    service=service_name, tokens=tokens, chat=hops["chat"],
+                    chain=await build_chain(settings, stack, hops, tokens, cache, service_name), cache=cache,
+                    budget=TokenBudget(redis, replicas=settings.gateway_replicas, timeout=LIMITS_REDIS_TIMEOUT),
+                    initial_hold=settings.initial_token_hold, total_timeout=settings.total_timeout),
+                    redis, tokens, audit, stack)
             # its own Redis client: the limits' and cache's bounded calls (cancelled on timeout) never
             # share a connection pool with the auth-change subscription and its markers
             auth_redis = redis_client(settings)
             stack.push_async_callback(auth_redis.aclose)
-            audit = await audit_log(settings, stack)
             auth = KeyAuthenticator(auth_client, tokens, service_name, auth_redis, issuer=settings.jwt_issuer,
                                  audience=settings.jwt_audience, cache_seconds=settings.auth_cache_seconds,
                                  snapshot_max_age=settings.auth_snapshot_max_age, audit=audit)

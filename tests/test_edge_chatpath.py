@@ -17,16 +17,19 @@ import httpx
 import msgspec
 import openai
 import pytest
+from aiokafka.errors import KafkaConnectionError
 from litestar import Litestar, Request, post
 from litestar.datastructures import State
 from redis.asyncio import Redis
 
+from common.app import ObservabilityMiddleware
 from gateway.authn import Identity
 from common.breaker import AsyncBreaker
-from common.contracts import PlanLimits
+from common.contracts import PlanLimits, TurnEvent, turn_id_for
 from common.errors import EXCEPTION_HANDLERS
+from common.idempotency import AnswerBook
 from common.limits import RequestRateLimiter, TokenBudget
-from common.openai_schema import ChatCompletionRequest
+from common.openai_schema import ChatCompletionRequest, Usage, request_hash
 from gateway.proxy import Hop, RetryBudget, UpstreamUnavailable
 from common.security import InternalTokens, Principal
 from common.sse import StreamTap
@@ -35,6 +38,8 @@ from gateway.cache import CacheEntry, ResponseCache
 from fallback.chain import CachedAnswer, ChainRequest, FallbackChain, LocalModel, SimplifiedModel
 from gateway.chatpath import ChatPath
 from gateway.forward import key_rate
+from fallback.turns import TurnLog
+from services.chat.claims import IdempotencyClaims
 
 MODEL = "synthetic"
 
@@ -88,6 +93,16 @@ class ScriptedModel:
                               content=sse_body(events, cut_after=2 if outcome == "cut" else None))
 
 
+class RecordedTurns:
+    """Stands in for the gateway's TurnLog: the turns its fallback layers would publish."""
+
+    def __init__(self) -> None:
+        self.recorded: list[TurnEvent] = []
+
+    def record(self, turn: TurnEvent) -> None:
+        self.recorded.append(turn)
+
+
 class Gateway:
     """The chat path behind a tiny app; the bearer key names the user."""
 
@@ -99,7 +114,8 @@ class Gateway:
         self.redis = redis
         self.plan = PlanLimits(tokens_per_day=tokens_per_day, requests_per_min=requests_per_min)
         self.requests = RequestRateLimiter(redis, f"key-{uuid.uuid4().hex[:8]}")
-        tokens = InternalTokens(issuer_service="test", keys={"v1": b"k" * 32}, current="v1")
+        self.tokens = tokens = InternalTokens(issuer_service="test", keys={"v1": b"k" * 32}, current="v1")
+        self.turns = RecordedTurns()
         suffix = uuid.uuid4().hex[:8]
         self.breaker = AsyncBreaker(f"chat-{suffix}", None, fail_max=3, reset_timeout=0.3)
         chat = Hop("chat", self.chat.client, self.breaker, first_byte_timeout=first_byte, total_timeout=5.0,
@@ -112,7 +128,7 @@ class Gateway:
         self.budget = TokenBudget(redis)
         self.path = ChatPath(service="gateway-test", tokens=tokens, chat=chat,
                              chain=FallbackChain(layers if chain else []), cache=self.cache, budget=self.budget,
-                             initial_hold=16)
+                             initial_hold=16, answers=AnswerBook(redis, tokens), turns=self.turns)
 
         @post("/v1/chat/completions")
         async def completions(request: Request, state: State) -> object:
@@ -120,7 +136,8 @@ class Gateway:
             identity = Identity(Principal(user, ("user",), key_id=f"key-{user}"), plan=self.plan)
             return await self.path.handle(request, identity, key_rate(self.requests, identity, requests_per_min))
 
-        self.app = Litestar(route_handlers=[completions], exception_handlers=EXCEPTION_HANDLERS)
+        self.app = Litestar(route_handlers=[completions], exception_handlers=EXCEPTION_HANDLERS,
+                            middleware=[lambda app: ObservabilityMiddleware(app, "gateway-test")])
 
     def http(self, user: str = "alice") -> httpx.AsyncClient:
         return httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://gateway",
@@ -556,3 +573,97 @@ def test_the_tap_relays_whole_events_only_and_reads_the_usage_chunk():
     out = b"".join(tap.feed(stream_bytes[i:i + 7]) for i in range(0, len(stream_bytes), 7))
     assert out.endswith(b"data: [DONE]\n\n") and b"usage" not in out
     assert tap.usage.total_tokens == 4 and tap.tokens == 1 and tap.complete
+
+
+# ---- one answer per Idempotency-Key, whichever layer gave it -----------------------------------
+
+async def test_a_keyed_request_the_chain_answered_is_replayed_streamed_or_not_never_generated_again(gateway):
+    await seen_before(gateway)
+    gateway.breaker.reset_timeout = 60
+    gateway.chat.script += [503] * 3
+    body = ask("keep my first answer", temperature=0.7)
+    headers = {"idempotency-key": f"k-{uuid.uuid4().hex}"}
+    http = gateway.http()
+    first = await http.post("/v1/chat/completions", json=body, headers=headers)
+    asked = gateway.inference.calls
+    again = await http.post("/v1/chat/completions", json=body, headers=headers)
+    streamed = await http.post("/v1/chat/completions", json={**body, "stream": True}, headers=headers)
+    assert [r.status_code for r in (first, again, streamed)] == [200] * 3
+    assert {r.headers["x-dualgate-degraded"] for r in (first, again, streamed)} == {"simplified"}
+    assert gateway.inference.calls == asked  # replayed, never generated again
+    assert again.headers["x-dualgate-idempotent-replay"] == "true"
+    assert again.json()["choices"][0]["message"] == first.json()["choices"][0]["message"]
+    assert again.json()["id"] == first.json()["id"]
+    said = "".join(json.loads(e[6:])["choices"][0]["delta"].get("content") or ""
+                   for e in events(streamed.content) if e.startswith(b"data: {") and b'"choices":[{' in e)
+    assert said == first.json()["choices"][0]["message"]["content"]
+    other = await http.post("/v1/chat/completions", json=ask("another question"), headers=headers)
+    assert other.status_code == 422 and other.json()["error"]["code"] == "idempotency_key_reused"
+
+
+async def test_the_chat_service_replays_the_answer_a_fallback_layer_gave_its_key_first(gateway, redis):
+    await seen_before(gateway)
+    gateway.chat.script.append(503)
+    body = ask("who answers first", temperature=0.7)
+    key = f"k-{uuid.uuid4().hex}"
+    first = await gateway.http().post("/v1/chat/completions", json=body, headers={"idempotency-key": key})
+    assert first.headers["x-dualgate-degraded"] == "simplified"
+    # the chat service, back: its claim on the key finds the gateway's answer, sealed, and replays it
+    kept = await IdempotencyClaims(redis, gateway.tokens).claim("alice", key)
+    assert kept is not None and kept.degraded == "simplified"
+    assert kept.assistant == first.json()["choices"][0]["message"]["content"]
+    assert kept.request_hash == request_hash(msgspec.json.decode(json.dumps(body), type=ChatCompletionRequest))
+
+
+async def test_a_streamed_degraded_answer_becomes_the_requests_turn_flagged_with_its_layer(gateway):
+    await seen_before(gateway)
+    gateway.chat.script.append(503)
+    body = ask("remember this", temperature=0.7, conversation_id="conv_mine")
+    response = await gateway.http().post("/v1/chat/completions", json={**body, "stream": True},
+                                         headers={"x-request-id": "req-degraded-1"})
+    assert response.headers["x-dualgate-degraded"] == "simplified"
+    [turn] = gateway.turns.recorded
+    said = "".join(json.loads(e[6:])["choices"][0]["delta"].get("content") or ""
+                   for e in events(response.content) if e.startswith(b"data: {") and b'"choices":[{' in e)
+    asked = request_hash(msgspec.json.decode(json.dumps(body), type=ChatCompletionRequest))
+    assert (turn.conversation_id, turn.degraded, turn.assistant) == ("conv_mine", "simplified", said)
+    assert turn.usage.completion_tokens > 0 and turn.finish_reason == "stop"
+    # the same id the chat service would give this request's turn: stored once, whoever answered
+    assert turn.turn_id == turn_id_for("alice", "req-degraded-1", asked)
+
+
+async def test_while_the_chat_service_answers_a_key_the_chain_gives_it_no_second_answer(gateway, redis):
+    await seen_before(gateway)
+    key = f"k-{uuid.uuid4().hex}"
+    assert await IdempotencyClaims(redis, gateway.tokens).claim("alice", key) is None  # chat answers it now
+    gateway.chat.script.append(503)
+    asked = gateway.inference.calls
+    busy = await gateway.http().post("/v1/chat/completions", json=ask("still going", temperature=0.7),
+                                     headers={"idempotency-key": key})
+    assert busy.status_code == 409 and busy.json()["error"]["code"] == "idempotency_key_in_use"
+    assert busy.headers["retry-after"] == "1" and gateway.inference.calls == asked
+
+
+async def test_degraded_turns_wait_while_the_broker_is_away_and_go_out_once_it_returns():
+    class FlakyBroker:
+        connected = True
+
+        def __init__(self) -> None:
+            self.refusals = 2
+            self.sent: list[tuple[str, str, str]] = []
+
+        async def publish(self, topic: str, key: str, event: TurnEvent) -> None:
+            if self.refusals:
+                self.refusals -= 1
+                raise KafkaConnectionError("broker away")
+            self.sent.append((topic, key, event.turn_id))
+
+    broker = FlakyBroker()
+    turns = TurnLog(broker, "gateway-test")
+    await turns.start()
+    turn = TurnEvent(turn_id="turn_x", conversation_id="conv_x", user_id="alice", model="m", request_messages=[],
+                     assistant="hi", finish_reason="stop", usage=Usage(1, 1, 2), created=1.0, degraded="simplified")
+    turns.record(turn)
+    await eventually(lambda: broker.sent, timeout=5)
+    await turns.stop()
+    assert broker.sent == [("chat.turns.v1", "conv_x", "turn_x")] and turns.pending == 0

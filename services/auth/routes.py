@@ -11,7 +11,7 @@ from litestar import Request, Response, delete, get, post
 from litestar.datastructures import State
 from litestar.params import Parameter
 
-from common.contracts import AuthChange, IntrospectRequest, KeyPrincipal
+from common.contracts import REPLAY_HEADER, AuthChange, IntrospectRequest, KeyPrincipal
 from common.errors import ApiError, decode_body, not_found, unauthorized, unavailable
 from common.idempotency import idempotency_key
 from common.security import (
@@ -28,7 +28,7 @@ AUDIENCE = "auth"
 NO_HASH = "0" * 64
 # the only service that may report user changes (disable/enable, plan) into the auth-change feed
 USER_CHANGE_KINDS = frozenset({"user_disabled", "user_enabled", "plan_changed"})
-REPLAY_HEADER = "x-dualgate-idempotent-replay"
+
 _created_encoder = msgspec.json.Encoder()
 _created_decoder = msgspec.json.Decoder(CreatedKey)
 
@@ -184,7 +184,7 @@ async def rotate_key(request: Request, state: State, key_id: str) -> Response[Cr
     rotations follow; a retry with the same Idempotency-Key gets the first answer and rotates nothing."""
     deps = state.deps
     principal = _caller(request, state)
-    retry_key = idempotency_key(request)
+    retry_key = idempotency_key(request.headers)
     raw = await request.body()
     body: RotateKey = decode_body(raw, RotateKey) if raw.strip() else RotateKey()
     grace = deps.settings.key_grace_seconds if body.grace_seconds is None else body.grace_seconds

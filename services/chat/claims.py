@@ -7,46 +7,33 @@ for ANSWERED_TTL, longer than the writer needs to persist it; the database is th
 A request with the same key that lands on another replica meanwhile (a gateway retry, a client retry
 through the Service) gets the 409 while the key is being answered and the replayed answer once there
 is one, never a second generation. Redis away or slow: the claim is this process's alone, as it would
-be with one replica.
+be with one replica. The answer's Redis key is shared with the gateways' fallback layers
+(common.idempotency): whichever layer answers a key first, its answer is the one kept and replayed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 import uuid
 
 import msgspec
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from common.contracts import TurnEvent
-from common.errors import ApiError
+from common.idempotency import (
+    ANSWERED_TTL, ANSWERING, KEEP_FIRST, REDIS_ERRORS, REDIS_TIMEOUT, key_in_use, redis_key, unsealed_turn,
+)
 from common.security import InternalTokens
 
 log = logging.getLogger(__name__)
 
 CLAIM_TTL = 30.0
 RENEW_AFTER = 10.0  # an answer still going renews its claim this often
-ANSWERED_TTL = 3600.0
-REDIS_TIMEOUT = 0.25  # a stalled Redis costs a keyed request this much, then the claim is local
-ANSWERING = b"answering:"
-REDIS_ERRORS = (RedisError, OSError)  # builtin TimeoutError (asyncio.timeout) is an OSError
 # only while the claim is still this request's: not once answered, not another's after it expired
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 _RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
-_turn = msgspec.json.Decoder(TurnEvent)
-
-
-def key_in_use() -> ApiError:
-    return ApiError(409, "A request with this Idempotency-Key is still being answered; retry shortly.",
-                    param="Idempotency-Key", code="idempotency_key_in_use", headers={"Retry-After": "1"})
-
-
-def redis_key(user_id: str, key: str) -> str:
-    return f"dualgate:chat:idempotency:{user_id}:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
 class IdempotencyClaims:
@@ -77,12 +64,11 @@ class IdempotencyClaims:
         if found.startswith(ANSWERING):
             del self._local[slot]
             raise key_in_use()
-        payload = self.tokens.unseal(found)
-        if payload is None:  # not sealed by a key we know: never replayed; this request answers it
-            log.warning("unsealed idempotency answer in redis ignored")
+        turn = unsealed_turn(self.tokens, found)
+        if turn is None:  # not sealed by a key we know: never replayed; this request answers it
             return None
         del self._local[slot]
-        return _turn.decode(payload)
+        return turn
 
     def keep(self, user_id: str, key: str) -> None:
         """The answer is still going: renew the claim (at most every RENEW_AFTER; never waits)."""
@@ -94,12 +80,13 @@ class IdempotencyClaims:
         self._in_background(self.redis.eval(_RENEW, 1, redis_key(user_id, key), held[1], int(CLAIM_TTL * 1000)))
 
     async def answered(self, turn: TurnEvent) -> None:
-        """The key's answer is spooled here: other replicas replay it from now on."""
+        """The key's answer is spooled here: other replicas replay it from now on, unless a gateway's
+        fallback layer answered the key first (its answer stands: the first answer is the one replayed)."""
         self._local.pop((turn.user_id, turn.idempotency_key), None)
         try:
             async with asyncio.timeout(REDIS_TIMEOUT):
-                await self.redis.set(redis_key(turn.user_id, turn.idempotency_key),
-                                     self.tokens.seal(msgspec.json.encode(turn)), px=int(ANSWERED_TTL * 1000))
+                await self.redis.eval(KEEP_FIRST, 1, redis_key(turn.user_id, turn.idempotency_key),
+                                      self.tokens.seal(msgspec.json.encode(turn)), int(ANSWERED_TTL * 1000))
         except REDIS_ERRORS as exc:
             # the claim expires by itself; until the database has the turn another replica may answer again
             log.debug("answered idempotency key not shared", extra={"error": f"{type(exc).__name__}: {exc}"})

@@ -1,17 +1,21 @@
 """One chat completion: context, model (with its fallback), the stream, the turn.
 
-1. A repeated `Idempotency-Key` returns the stored answer, never a second generation.
+1. A repeated `Idempotency-Key` returns the stored answer, never a second generation; so does the same
+   request again (a router failover or a gateway retry: same edge request id, same body), whose turn id
+   is derived from both (common.contracts.turn_id_for), so it is spooled and stored once whatever hop
+   answered it. An answer a gateway's fallback layer gave a key first is replayed too (common.idempotency).
 2. The model resolves through the models service (cached); a conversation adds its system prompt and
    the newest turns that fit the window (counted with the model's tokenizer).
 3. The inference service streams the answer. If the deployment fails before the first token, the
    registry's fallback model answers instead, flagged `x-dualgate-degraded: model-fallback`.
 4. The finished turn is spooled durably (outbox) before the answer ends; Kafka and the writer take it
-   from there.
+   from there. A turn is stored exactly when its answer was generated to the end: a stream whose client
+   left is cut, not stored, and frees its key; an answer that ran to its end is stored even if its
+   client has gone (a router that gave up on it), and its Idempotency-Key replays it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 import uuid
@@ -23,20 +27,20 @@ from litestar import Request, Response
 from litestar.response import Stream
 
 from common.contracts import (
-    CONVERSATION_HEADER, DEGRADED_HEADER, REPLAY_HEADER, TURN_HEADER, ModelRecord, TurnEvent,
-    UsageEvent,
+    CONVERSATION_HEADER, DEGRADED_HEADER, REQUEST_HASH_HEADER, TURN_HEADER, ModelRecord, TurnEvent, UsageEvent,
+    turn_id_for,
 )
 from common.errors import ApiError, ErrorBody, ErrorEnvelope, decode_body, unavailable
-from common.idempotency import idempotency_key
 from common.http import finish
+from common.idempotency import idempotency_key, replay, reused_key
 from common.logging import request_id_var
 from common.metrics import FALLBACKS, stage_done
 from common.openai_schema import (
-    ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, ChunkChoice, Choice, Delta,
-    InferenceRequest, ResponseMessage, StreamOptions, Usage, completion_id, now,
+    ChatCompletion, ChatCompletionRequest, ChatMessage, Choice,
+    InferenceRequest, ResponseMessage, StreamOptions, Usage, completion_id, now, request_hash,
 )
 from common.security import Principal
-from common.sse import DONE, SSE_HEADERS, error_frame, frame, iter_data
+from common.sse import DONE, SSE_HEADERS, error_frame, iter_data
 from services.chat.context import build_context
 from services.chat.outbox import OutboxFull
 from services.chat.schemas import Conversation, HistoryTurn, StreamPeek
@@ -44,6 +48,7 @@ from services.chat.schemas import Conversation, HistoryTurn, StreamPeek
 log = logging.getLogger(__name__)
 
 AUDIENCE = "chat"
+MODEL_FALLBACK = "model-fallback"
 DEFAULT_MAX_TOKENS = 256
 
 _peek = msgspec.json.Decoder(StreamPeek)
@@ -64,18 +69,22 @@ async def chat_completion(request: Request, deps) -> Response | Stream:
     started = time.perf_counter()
     principal = deps.tokens.principal_from(request, AUDIENCE)
     body: ChatCompletionRequest = decode_body(await request.body(), ChatCompletionRequest)
-    key = idempotency_key(request)
-    request_hash = _request_hash(body) if key else ""
+    key = idempotency_key(request.headers)
+    asked = _asked(request, body)
+    turn_id = turn_id_for(principal.subject, request_id_var.get(), asked)
     slot = (principal.subject, key) if key else None
     if slot:
-        stored = await _stored_turn(deps, *slot)
-        if stored is None:
-            stored = await deps.claims.claim(*slot)  # another replica's answer, a 409, or the key is ours
+        # Redis first: it holds the key's first answer from any layer (a gateway's fallback layer may have
+        # answered it while this service was slow or down); then what outlived it there (spool, database)
+        stored = await deps.claims.claim(*slot)  # the key's answer, a 409, or the key is ours
+        if stored is None and (stored := await _stored_turn(deps, *slot)) is not None:
+            deps.claims.release(*slot)
         if stored is not None:
-            if stored.request_hash and stored.request_hash != request_hash:
-                raise ApiError(422, "This Idempotency-Key was already used with a different request.",
-                               param="Idempotency-Key", code="idempotency_key_reused")
+            if stored.request_hash and stored.request_hash != asked:
+                raise reused_key()
             return _replay(stored, body)
+    elif (again := deps.outbox.find_turn(turn_id)) is not None:  # this request answered already (failover)
+        return _replay(again, body)
     handed_over = False
     try:
         try:
@@ -95,12 +104,13 @@ async def chat_completion(request: Request, deps) -> Response | Stream:
         opening = stage_done("chat", "prepare", started)  # token, body, idempotency, model, conversation
         upstream, served, degraded = await _open_with_fallback(deps, principal, body, model, conversation, history)
         opened = stage_done("chat", "inference", opening)  # the context, and the inference service's headers
-        draft = _TurnDraft(body, principal, served, key or "", request_hash)
+        flagged = MODEL_FALLBACK if degraded or request.headers.get(DEGRADED_HEADER) == MODEL_FALLBACK else ""
+        draft = _TurnDraft(body, principal, served, key or "", asked, turn_id, flagged)
         headers = {TURN_HEADER: draft.turn_id}
         if body.conversation_id:
             headers[CONVERSATION_HEADER] = body.conversation_id
         if degraded:
-            headers[DEGRADED_HEADER] = "model-fallback"
+            headers[DEGRADED_HEADER] = MODEL_FALLBACK
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             handed_over = True  # the stream releases the key when it ends
@@ -112,10 +122,12 @@ async def chat_completion(request: Request, deps) -> Response | Stream:
             deps.claims.release(*slot)
 
 
-def _request_hash(body: ChatCompletionRequest) -> str:
-    """What the request asks, whatever its delivery: a stored answer replays streamed or not."""
-    asked = msgspec.structs.replace(body, stream=False, stream_options=None)
-    return hashlib.sha256(msgspec.json.encode(asked)).hexdigest()
+def _asked(request: Request, body: ChatCompletionRequest) -> str:
+    """The request's hash: a gateway's model-fallback layer names the one its client sent."""
+    given = request.headers.get(REQUEST_HASH_HEADER, "")
+    if len(given) == 64 and all(c in "0123456789abcdef" for c in given):
+        return given
+    return request_hash(body)
 
 
 async def _stored_turn(deps, user_id: str, key: str) -> TurnEvent | None:
@@ -215,13 +227,14 @@ class _TurnDraft:
     """Collects what the assistant said while the answer streams by, then spools the turn."""
 
     def __init__(self, body: ChatCompletionRequest, principal: Principal, model: ModelRecord,
-                 idempotency_key: str, request_hash: str) -> None:
+                 idempotency_key: str, request_hash: str, turn_id: str, degraded: str) -> None:
         self.body = body
         self.principal = principal
         self.model = model
         self.idempotency_key = idempotency_key
         self.request_hash = request_hash
-        self.turn_id = f"turn_{uuid.uuid4().hex}"
+        self.turn_id = turn_id
+        self.degraded = degraded
         self.parts: list[str] = []
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
@@ -253,7 +266,7 @@ class _TurnDraft:
             user_id=self.principal.subject, model=self.model.id, request_messages=self.body.plain_messages(),
             assistant="".join(self.parts), finish_reason=self.finish_reason, usage=self.usage,
             request_id=request_id_var.get(), created=created, idempotency_key=self.idempotency_key,
-            request_hash=self.request_hash, completion_id=self.id,
+            request_hash=self.request_hash, completion_id=self.id, degraded=self.degraded,
         )
         usage = UsageEvent(
             event_id=turn.turn_id, user_id=self.principal.subject, key_id=self.principal.key_id,
@@ -353,42 +366,5 @@ async def _aggregate(upstream: httpx.Response, turn: _TurnDraft, deps, headers: 
 # ---- idempotent replay ----------------------------------------------------------------------------
 
 def _replay(turn: TurnEvent, body: ChatCompletionRequest) -> Response | Stream:
-    headers = {REPLAY_HEADER: "true", TURN_HEADER: turn.turn_id}
-    cid = turn.completion_id or f"chatcmpl-{turn.turn_id}"
-    created = int(turn.created)
-    if not body.stream:
-        completion = ChatCompletion(
-            id=cid, created=created, model=turn.model,
-            choices=[Choice(index=0, message=ResponseMessage("assistant", turn.assistant),
-                            finish_reason=turn.finish_reason)],
-            usage=turn.usage)
-        return Response(content=msgspec.json.encode(completion), media_type="application/json", headers=headers)
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    async def frames() -> AsyncIterator[bytes]:
-        def chunk(delta: Delta, finish: str | None = None) -> bytes:
-            return frame(ChatCompletionChunk(id=cid, created=created, model=turn.model,
-                                             choices=[ChunkChoice(0, delta, finish)]))
-
-        yield chunk(Delta(role="assistant", content=""))
-        for piece in _pieces(turn.assistant):
-            yield chunk(Delta(content=piece))
-        yield chunk(Delta(), turn.finish_reason)
-        if include_usage:
-            yield frame(ChatCompletionChunk(id=cid, created=created, model=turn.model, choices=[], usage=turn.usage))
-        yield DONE
-
-    return Stream(frames(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
-
-
-def _pieces(text: str, size: int = 64) -> list[str]:
-    """Split a stored answer into chunks at word boundaries, as a stream would have carried it."""
-    pieces, start = [], 0
-    while start < len(text):
-        end = min(len(text), start + size)
-        if end < len(text):
-            space = text.rfind(" ", start + 1, end)
-            end = space if space > start else end
-        pieces.append(text[start:end])
-        start = end
-    return pieces
+    include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+    return replay(turn, body.stream, include_usage, {TURN_HEADER: turn.turn_id})

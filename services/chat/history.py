@@ -32,7 +32,7 @@ def store_unavailable() -> ApiError:
 
 def as_history(turn: TurnEvent) -> HistoryTurn:
     return HistoryTurn(turn_id=turn.turn_id, created=turn.created, messages=turn.request_messages,
-                       assistant=turn.assistant)
+                       assistant=turn.assistant, degraded=turn.degraded)
 
 
 def _created_at(turn: HistoryTurn) -> dt.datetime:

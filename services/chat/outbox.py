@@ -145,6 +145,11 @@ class TurnOutbox:
         """Turns of this conversation answered but not yet seen in the database, oldest first."""
         return [e.record.turn for e in self._by_conversation.get(conversation_id, ())]
 
+    def find_turn(self, turn_id: str) -> TurnEvent | None:
+        """The turn with this id if it waits here (a request answered again: a failover's duplicate)."""
+        entry = self._entries.get(turn_id)
+        return entry.record.turn if entry is not None else None
+
     def find_idempotent(self, user_id: str, key: str) -> TurnEvent | None:
         entry = self._by_idempotency.get((user_id, key))
         if entry is not None:

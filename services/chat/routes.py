@@ -106,7 +106,8 @@ def _turn_messages(turn: HistoryTurn) -> list[Message]:
     """What the client sent in the turn, then the answer; ids are `<turn id>.<position>`."""
     created = int(turn.created)
     said = [(m["role"], m["content"]) for m in turn.messages] + [("assistant", turn.assistant)]
-    return [Message(id=f"{turn.turn_id}.{i}", role=role, content=content, turn_id=turn.turn_id, created=created)
+    return [Message(id=f"{turn.turn_id}.{i}", role=role, content=content, turn_id=turn.turn_id, created=created,
+                    degraded=turn.degraded if role == "assistant" and i == len(said) - 1 else None)
             for i, (role, content) in enumerate(said)]
 
 

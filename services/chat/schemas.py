@@ -52,6 +52,8 @@ class Message(msgspec.Struct, kw_only=True):
     content: str
     turn_id: str
     created: int
+    # the answer came from a fallback layer ("model-fallback", "cache", "simplified"), as the client saw it
+    degraded: str | None = None
     object: str = "conversation.message"
 
 
@@ -70,3 +72,4 @@ class HistoryTurn(msgspec.Struct, kw_only=True):
     created: float
     messages: list[dict[str, str]]  # what the client sent in that turn
     assistant: str
+    degraded: str = ""  # the fallback layer that answered, if one did

@@ -27,19 +27,22 @@ class TurnStore:
         self.pool = pool
 
     async def insert_turn(self, turn: TurnEvent) -> bool:
-        """Persist a turn once; False when it was already there (redelivery) or its conversation is deleted."""
+        """Persist a turn once; False when it was already there (redelivery, the same request answered by
+        another hop, or its Idempotency-Key answered already), or its conversation is deleted or another
+        user's (a gateway's fallback layer publishes turns without the conversation check chat makes)."""
         status = await self.pool.execute(
             """INSERT INTO turns (turn_id, conversation_id, user_id, model, request_messages, assistant,
                                   finish_reason, prompt_tokens, completion_tokens, request_id, created_at,
-                                  idempotency_key, request_hash, completion_id)
-               SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14
-               WHERE NOT EXISTS (SELECT 1 FROM conversations WHERE id = $2 AND deleted_at IS NOT NULL)
+                                  idempotency_key, request_hash, completion_id, degraded)
+               SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15
+               WHERE NOT EXISTS (SELECT 1 FROM conversations
+                                 WHERE id = $2 AND (deleted_at IS NOT NULL OR user_id <> $3))
                ON CONFLICT DO NOTHING""",
             turn.turn_id, turn.conversation_id, turn.user_id, turn.model,
             msgspec.json.encode(turn.request_messages).decode(), turn.assistant, turn.finish_reason,
             turn.usage.prompt_tokens, turn.usage.completion_tokens, turn.request_id,
             dt.datetime.fromtimestamp(turn.created, dt.timezone.utc),
-            turn.idempotency_key, turn.request_hash, turn.completion_id,
+            turn.idempotency_key, turn.request_hash, turn.completion_id, turn.degraded,
         )
         return status.endswith(" 1")
 
@@ -81,16 +84,17 @@ class TurnStore:
             usage=Usage(row["prompt_tokens"], row["completion_tokens"], row["prompt_tokens"] + row["completion_tokens"]),
             request_id=row["request_id"], created=row["created_at"].timestamp(),
             idempotency_key=row["idempotency_key"], request_hash=row["request_hash"],
-            completion_id=row["completion_id"])
+            completion_id=row["completion_id"], degraded=row["degraded"])
 
     async def history(self, conversation_id: str, limit: int = HISTORY_LIMIT) -> list[HistoryTurn]:
         """The newest `limit` turns of a conversation, oldest first."""
         rows = await self.pool.fetch(
-            """SELECT turn_id, extract(epoch from created_at)::float8 AS created, request_messages, assistant
-               FROM turns WHERE conversation_id = $1 ORDER BY created_at DESC, turn_id DESC LIMIT $2""",
+            """SELECT turn_id, extract(epoch from created_at)::float8 AS created, request_messages, assistant,
+                      degraded FROM turns WHERE conversation_id = $1 ORDER BY created_at DESC, turn_id DESC LIMIT $2""",
             conversation_id, limit)
         return [HistoryTurn(turn_id=r["turn_id"], created=r["created"],
-                            messages=_messages.decode(r["request_messages"]), assistant=r["assistant"])
+                            messages=_messages.decode(r["request_messages"]), assistant=r["assistant"],
+                            degraded=r["degraded"])
                 for r in reversed(rows)]
 
     async def page(self, conversation_id: str, start: tuple[dt.datetime, str] | None, limit: int,
@@ -99,7 +103,8 @@ class TurnStore:
         op, order = ("<=", "DESC") if descending else (">=", "ASC")
         # two statements rather than `$2 IS NULL OR ...`: a prepared statement's generic plan could not
         # use the cursor as an index bound and would read every page from the conversation's start
-        select = "SELECT turn_id, created_at, request_messages, assistant FROM turns WHERE conversation_id = $1"
+        select = ("SELECT turn_id, created_at, request_messages, assistant, degraded FROM turns"
+                  " WHERE conversation_id = $1")
         ordered = f"ORDER BY created_at {order}, turn_id {order}"
         if start is None:
             rows = await self.pool.fetch(f"{select} {ordered} LIMIT $2", conversation_id, limit)
@@ -107,7 +112,8 @@ class TurnStore:
             rows = await self.pool.fetch(f"{select} AND (created_at, turn_id) {op} ($2, $3) {ordered} LIMIT $4",
                                          conversation_id, start[0], start[1], limit)
         return [HistoryTurn(turn_id=r["turn_id"], created=r["created_at"].timestamp(),
-                            messages=_messages.decode(r["request_messages"]), assistant=r["assistant"])
+                            messages=_messages.decode(r["request_messages"]), assistant=r["assistant"],
+                            degraded=r["degraded"])
                 for r in rows]
 
     async def created_at(self, conversation_id: str, turn_id: str) -> dt.datetime | None:
