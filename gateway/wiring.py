@@ -17,7 +17,7 @@ from common.security import InternalTokens
 from common.settings import Settings
 from gateway.cache import ResponseCache
 from fallback.chain import CachedAnswer, FallbackChain, LocalModel, ModelFallback, SimplifiedModel
-from fallback.chatpath import ChatPath
+from gateway.chatpath import ChatPath
 from fallback.turns import TurnLog
 
 
