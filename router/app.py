@@ -135,4 +135,5 @@ def create_app(settings: Settings | None = None) -> Litestar:
             )
             yield
 
-    return create_service_app(settings, route_handlers=route_handlers, lifespan=lifespan)
+    # no schema of its own (it has no public routes but the relay): it serves the services' merged one
+    return create_service_app(settings, route_handlers=route_handlers, lifespan=lifespan, openapi_config=None)
