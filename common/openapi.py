@@ -22,6 +22,7 @@ from litestar.routes import HTTPRoute
 
 from common.contracts import route_of
 from common.errors import ErrorEnvelope
+from common.openai_schema import ChatCompletion
 
 PUBLIC_DOCUMENT = Path(__file__).with_name("openapi.json")
 OPENAPI_VERSION = "3.1.0"
@@ -44,14 +45,23 @@ ERROR_DESCRIPTIONS = {
 _BODY_KEY = "openapi_request_body"
 
 
+# a handler answering a Response or a Stream has no answer schema Litestar can see
+CHAT_COMPLETION_ANSWERS = {200: ResponseSpec(
+    data_container=ChatCompletion, generate_examples=False,
+    description="A chat.completion; with `stream: true`, text/event-stream of chat.completion.chunk events "
+                "ending in `data: [DONE]` (a failure after the first byte is an `error` event).")}
+
+
 def documented(body: type[msgspec.Struct] | None = None, *, body_required: bool = True,
-               errors: Iterable[int] = ()) -> dict[str, Any]:
+               errors: Iterable[int] = (), answers: Mapping[int, ResponseSpec] | None = None) -> dict[str, Any]:
     """Route handler keyword arguments documenting the body the handler decodes itself and its errors
-    (OpenAI-style error bodies): COMMON_ERRORS, 413 with a body, and `errors` (403, 404, 409 ...)."""
+    (OpenAI-style error bodies): COMMON_ERRORS, 413 with a body, and `errors` (403, 404, 409 ...);
+    `answers` for what Litestar cannot read from the handler's signature."""
     statuses = sorted({*COMMON_ERRORS, *errors, *((413,) if body else ())})
     responses = {status: ResponseSpec(data_container=ErrorEnvelope, description=ERROR_DESCRIPTIONS[status],
                                       generate_examples=False) for status in statuses}
-    return {"responses": responses, "opt": {_BODY_KEY: (body, body_required)} if body else {}}
+    return {"responses": {**(answers or {}), **responses},
+            "opt": {_BODY_KEY: (body, body_required)} if body else {}}
 
 
 def service_document(app: Litestar) -> dict[str, Any]:

@@ -156,7 +156,8 @@ def fuzz_principals(http: httpx.Client, admin: dict[str, str]) -> Iterator[dict[
     for who, scopes in (("admin", ["user", "admin"]), ("user", ["user"])):
         user = http.post("/v1/users", headers=admin, json={"name": f"fuzz-{who}", "plan": plan})
         assert user.status_code == 201, user.text
-        key = http.post("/v1/keys", headers=admin, json={"name": "fuzz", "user_id": user.json()["id"], "scopes": scopes})
+        key = http.post("/v1/keys", headers=admin,
+                        json={"name": "fuzz", "user_id": user.json()["id"], "scopes": scopes})
         assert key.status_code == 201, key.text
         keys[who] = key.json()["key"]
     try:

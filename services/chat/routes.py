@@ -12,7 +12,7 @@ from litestar.response import Stream
 
 from common.errors import ApiError, decode_body
 from common.openai_schema import ChatCompletionRequest
-from common.openapi import documented
+from common.openapi import CHAT_COMPLETION_ANSWERS, documented
 from services.chat.completions import AUDIENCE, chat_completion
 from services.chat.history import DB_ERRORS, store_unavailable
 from services.chat.schemas import (
@@ -20,7 +20,8 @@ from services.chat.schemas import (
 )
 
 
-@post("/v1/chat/completions", status_code=200, **documented(ChatCompletionRequest, errors=(403, 404, 409)))
+@post("/v1/chat/completions", status_code=200,
+      **documented(ChatCompletionRequest, errors=(403, 404, 409), answers=CHAT_COMPLETION_ANSWERS))
 async def chat_completions(request: Request, state: State) -> Response | Stream:
     return await chat_completion(request, state.deps)
 
