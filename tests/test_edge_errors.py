@@ -181,3 +181,16 @@ def test_the_k8s_edge_answers_errors_like_the_local_one():
         assert _block(template, start, end) in k8s, start
     assert "proxy_set_header X-Request-ID $dualgate_request_id;" in k8s
     assert "proxy_intercept_errors on" not in k8s + template
+
+
+async def test_the_edge_serves_the_one_openapi_document(http):
+    from common.openapi import PUBLIC_DOCUMENT
+
+    document = await http.get("/schema/openapi.json")
+    assert document.status_code == 200 and document.headers["content-type"] == "application/json"
+    assert document.content == PUBLIC_DOCUMENT.read_bytes()
+    assert "/v1/chat/completions" in document.json()["paths"]
+    # the router's own (empty) schema and its HTML pages are gone
+    for path in ("/schema", "/schema/swagger"):
+        page = await http.get(path)
+        assert page.status_code == 404 and page.json()["error"]["code"] == "unknown_route", page.text
