@@ -21,8 +21,9 @@ async def status(state: State) -> Response:
 @get("/schema/openapi.json", include_in_schema=False, sync_to_thread=False)
 def openapi_document() -> Response:
     """Every public route with its request body and error answers: the services' schemas, merged ahead of
-    time (common.openapi), since the router cannot import the services."""
+    time (common.openapi), since the router cannot import the services. It takes the path of Litestar's
+    own schema, which the app turns off."""
     return Response(OPENAPI_DOCUMENT, media_type="application/json")
 
 
-route_handlers = [status, openapi_document, proxy]
+route_handlers = [status, proxy]
