@@ -17,7 +17,9 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import msgspec
 from litestar import Litestar, Response, get
+from litestar.app import DEFAULT_OPENAPI_CONFIG
 from litestar.datastructures import State
+from litestar.openapi import OpenAPIConfig
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -122,6 +124,7 @@ def create_service_app(
     lifespan: Callable[[Litestar], AbstractAsyncContextManager[None]] | None = None,
     dependencies: dict | None = None,
     debug: bool = False,
+    openapi_config: OpenAPIConfig | None = DEFAULT_OPENAPI_CONFIG,
 ) -> Litestar:
     configure_logging(settings.service, settings.log_level)
 
@@ -153,6 +156,7 @@ def create_service_app(
         dependencies=dependencies or {},
         debug=debug,
         logging_config=None,
+        openapi_config=openapi_config,
     )
 
 

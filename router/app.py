@@ -19,7 +19,7 @@ from common.limits import SyncedRateLimiter
 from common.redis_client import redis_client
 from common.settings import Settings
 from router.pools import GatewayConnections, GatewayPool, HealthChecker
-from router.routes import route_handlers
+from router.routes import openapi_document, route_handlers
 
 SERVICES = ("auth", "users", "chat", "models", "inference")
 STATUS_TIMEOUT = 0.5
@@ -135,4 +135,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
             )
             yield
 
-    return create_service_app(settings, route_handlers=route_handlers, lifespan=lifespan)
+    # no schema of its own (it has no public routes but the relay): it serves the services' merged one
+    return create_service_app(settings, route_handlers=[*route_handlers, openapi_document], lifespan=lifespan,
+                              openapi_config=None)

@@ -65,7 +65,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 # Commands that live in their own modules: each has `register(subparsers)` and imports its heavy
 # dependencies lazily, so `dualgate status` stays fast.
-COMMAND_MODULES = ("stack.bench", "stack.admin", "stack.secrets", "stack.drill", "stack.chat")
+COMMAND_MODULES = ("stack.bench", "stack.admin", "stack.secrets", "stack.drill", "stack.chat", "stack.openapi")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,6 +12,7 @@ import string
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,7 +145,8 @@ def prepare_postgres(config: StackConfig, password: str) -> None:
         os.chown(hba, *owner)
 
 
-def render_nginx(config: StackConfig) -> Path:
+def render_nginx(config: StackConfig, router_ports: Sequence[int] = ()) -> Path:
+    """The edge's nginx.conf for this stack, in front of its router (or of `router_ports`, in that order)."""
     nginx_home = config.home / "nginx"
     tmp_dir = nginx_home / "tmp"
     tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -152,7 +154,8 @@ def render_nginx(config: StackConfig) -> Path:
     template = string.Template((REPO_ROOT / "nginx" / "nginx.conf.template").read_text())
     rendered = template.safe_substitute(
         run_dir=config.run_dir, tmp_dir=tmp_dir, listen=f"127.0.0.1:{config.port('nginx')}",
-        router_servers=f"server 127.0.0.1:{config.port('router')} max_fails=0;",
+        router_servers="\n        ".join(f"server 127.0.0.1:{port} max_fails=0;"
+                                          for port in router_ports or [config.port("router")]),
         max_body=str(config.max_body_bytes * 2),  # the router answers 413 itself, as JSON
     )
     path = nginx_home / "nginx.conf"

@@ -14,6 +14,7 @@ from litestar.params import Parameter
 from common.contracts import REPLAY_HEADER, AuthChange, IntrospectRequest, KeyPrincipal
 from common.errors import ApiError, decode_body, not_found, unauthorized, unavailable
 from common.idempotency import idempotency_key
+from common.openapi import documented
 from common.security import (
     Principal, api_key, generate_api_key, hash_secret, new_secret, parse_api_key, secret_matches,
 )
@@ -123,7 +124,7 @@ async def report_user_change(request: Request, state: State) -> dict[str, str]:
 
 # ---- API keys ----------------------------------------------------------------------------------
 
-@post("/v1/keys", status_code=201)
+@post("/v1/keys", status_code=201, **documented(CreateKey, errors=(403, 404)))
 async def create_key(request: Request, state: State) -> CreatedKey:
     deps = state.deps
     principal = _caller(request, state)
@@ -147,7 +148,7 @@ async def create_key(request: Request, state: State) -> CreatedKey:
     return CreatedKey(**msgspec.structs.asdict(info), key=full_key)
 
 
-@get("/v1/keys")
+@get("/v1/keys", **documented(errors=(403, 404)))
 async def list_keys(request: Request, state: State, user_id: str | None = None) -> KeyList:
     principal = _caller(request, state)
     if user_id and user_id != principal.subject and not principal.is_admin:
@@ -155,7 +156,7 @@ async def list_keys(request: Request, state: State, user_id: str | None = None) 
     return KeyList(data=await state.deps.store.list_for(user_id or principal.subject))
 
 
-@get("/v1/keys/{key_id:str}")
+@get("/v1/keys/{key_id:str}", **documented(errors=(403, 404)))
 async def read_key(request: Request, state: State, key_id: str) -> KeyInfo:
     principal = _caller(request, state)
     info = await state.deps.store.get(key_id, None if principal.is_admin else principal.subject) \
@@ -165,7 +166,7 @@ async def read_key(request: Request, state: State, key_id: str) -> KeyInfo:
     return info
 
 
-@delete("/v1/keys/{key_id:str}", status_code=200)
+@delete("/v1/keys/{key_id:str}", status_code=200, **documented(errors=(403, 404)))
 async def revoke_key(request: Request, state: State, key_id: str) -> dict[str, object]:
     deps = state.deps
     principal = _caller(request, state)
@@ -178,7 +179,8 @@ async def revoke_key(request: Request, state: State, key_id: str) -> dict[str, o
     return {"id": key_id, "object": "key", "revoked": True}
 
 
-@post("/v1/keys/{key_id:str}/rotate", status_code=200)
+@post("/v1/keys/{key_id:str}/rotate", status_code=200,
+      **documented(RotateKey, body_required=False, errors=(403, 404, 422)))
 async def rotate_key(request: Request, state: State, key_id: str) -> Response[CreatedKey]:
     """A new secret for the key. Every secret moved aside keeps the grace its rotation promised, whatever
     rotations follow; a retry with the same Idempotency-Key gets the first answer and rotates nothing."""
@@ -242,7 +244,7 @@ async def _replay_rotation(deps, key_id: str, retry_key: str, request_hash: str,
 
 # ---- JWTs --------------------------------------------------------------------------------------
 
-@post("/v1/auth/token", status_code=200)
+@post("/v1/auth/token", status_code=200, **documented(TokenRequest, body_required=False, errors=(403,)))
 async def issue_token(request: Request, state: State) -> TokenResponse:
     deps = state.deps
     principal = _caller(request, state)
@@ -264,7 +266,7 @@ async def issue_token(request: Request, state: State) -> TokenResponse:
     return TokenResponse(access_token=token, expires_in=ttl, expires_at=expires_at)
 
 
-@get("/.well-known/jwks.json")
+@get("/.well-known/jwks.json", **documented())
 async def jwks(state: State) -> Response:
     try:
         document = await state.deps.signer.jwks()
@@ -275,7 +277,7 @@ async def jwks(state: State) -> Response:
 
 # ---- the audit log -----------------------------------------------------------------------------
 
-@get("/v1/auth/audit")
+@get("/v1/auth/audit", **documented(errors=(403,)))
 async def read_audit(
     request: Request, state: State,
     limit: Annotated[int, Parameter(ge=1, le=500)] = 100,

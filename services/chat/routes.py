@@ -11,6 +11,8 @@ from litestar.params import Parameter
 from litestar.response import Stream
 
 from common.errors import ApiError, decode_body
+from common.openai_schema import ChatCompletionRequest
+from common.openapi import CHAT_COMPLETION_ANSWERS, documented
 from services.chat.completions import AUDIENCE, chat_completion
 from services.chat.history import DB_ERRORS, store_unavailable
 from services.chat.schemas import (
@@ -18,12 +20,13 @@ from services.chat.schemas import (
 )
 
 
-@post("/v1/chat/completions", status_code=200)
+@post("/v1/chat/completions", status_code=200,
+      **documented(ChatCompletionRequest, errors=(403, 404, 409), answers=CHAT_COMPLETION_ANSWERS))
 async def chat_completions(request: Request, state: State) -> Response | Stream:
     return await chat_completion(request, state.deps)
 
 
-@post("/v1/conversations", status_code=201)
+@post("/v1/conversations", status_code=201, **documented(CreateConversation, body_required=False))
 async def create_conversation(request: Request, state: State) -> Conversation:
     principal = state.deps.tokens.principal_from(request, AUDIENCE)
     body: CreateConversation = decode_body(await request.body() or b"{}", CreateConversation)
@@ -34,7 +37,7 @@ async def create_conversation(request: Request, state: State) -> Conversation:
         raise store_unavailable() from None
 
 
-@get("/v1/conversations")
+@get("/v1/conversations", **documented())
 async def list_conversations(
     request: Request, state: State,
     limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
@@ -48,13 +51,13 @@ async def list_conversations(
     return ConversationList(data=found, has_more=more)
 
 
-@get("/v1/conversations/{conversation_id:str}")
+@get("/v1/conversations/{conversation_id:str}", **documented(errors=(404,)))
 async def read_conversation(request: Request, state: State, conversation_id: str) -> Conversation:
     principal = state.deps.tokens.principal_from(request, AUDIENCE)
     return await state.deps.conversations.get(conversation_id, principal.subject)
 
 
-@delete("/v1/conversations/{conversation_id:str}", status_code=200)
+@delete("/v1/conversations/{conversation_id:str}", status_code=200, **documented(errors=(404,)))
 async def delete_conversation(request: Request, state: State, conversation_id: str) -> ConversationDeleted:
     principal = state.deps.tokens.principal_from(request, AUDIENCE)
     try:
@@ -67,7 +70,7 @@ async def delete_conversation(request: Request, state: State, conversation_id: s
     return ConversationDeleted(id=conversation_id)
 
 
-@get("/v1/conversations/{conversation_id:str}/messages")
+@get("/v1/conversations/{conversation_id:str}/messages", **documented(errors=(404, 409)))
 async def list_messages(
     request: Request, state: State, conversation_id: str,
     limit: Annotated[int, Parameter(ge=1, le=100)] = 20,

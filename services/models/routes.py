@@ -9,6 +9,7 @@ from litestar.datastructures import State
 from common.contracts import ModelRecord
 from common.errors import ApiError, decode_body, not_found
 from common.openai_schema import ModelCard, ModelList
+from common.openapi import documented
 from common.security import Principal
 from services.models.schemas import ModelDetail, RegisterModel, UpdateModel
 from services.models.store import ModelExists
@@ -52,7 +53,7 @@ async def _check_deployment(state: State, model_id: str, engine: str, workers: l
                        param="fallback_model", code="invalid_value")
 
 
-@get("/v1/models")
+@get("/v1/models", **documented())
 async def list_models(request: Request, state: State) -> ModelList:
     principal = state.deps.tokens.principal_from(request, AUDIENCE)
     allowed = await state.deps.allowed.for_principal(principal)
@@ -60,7 +61,7 @@ async def list_models(request: Request, state: State) -> ModelList:
     return ModelList(data=[_card(m) for m in models if allowed is None or m.id in allowed])
 
 
-@get("/v1/models/{model_id:path}")
+@get("/v1/models/{model_id:path}", **documented(errors=(404,)))
 async def read_model(request: Request, state: State, model_id: str) -> ModelCard | ModelDetail:
     principal = state.deps.tokens.principal_from(request, AUDIENCE)
     model_id = model_id.lstrip("/")
@@ -73,7 +74,7 @@ async def read_model(request: Request, state: State, model_id: str) -> ModelCard
     return _card(record)
 
 
-@post("/v1/models", status_code=201)
+@post("/v1/models", status_code=201, **documented(RegisterModel, errors=(403, 409)))
 async def register_model(request: Request, state: State) -> ModelDetail:
     _admin(request, state)
     body: RegisterModel = decode_body(await request.body(), RegisterModel)
@@ -87,7 +88,7 @@ async def register_model(request: Request, state: State) -> ModelDetail:
     return _detail(record)
 
 
-@patch("/v1/models/{model_id:path}")
+@patch("/v1/models/{model_id:path}", **documented(UpdateModel, errors=(403, 404)))
 async def update_model(request: Request, state: State, model_id: str) -> ModelDetail:
     _admin(request, state)
     model_id = model_id.lstrip("/")
@@ -108,7 +109,7 @@ async def update_model(request: Request, state: State, model_id: str) -> ModelDe
     return _detail(record)
 
 
-@delete("/v1/models/{model_id:path}", status_code=200)
+@delete("/v1/models/{model_id:path}", status_code=200, **documented(errors=(403, 404)))
 async def disable_model(request: Request, state: State, model_id: str) -> ModelDetail:
     """Disable, never erase: turns and usage keep naming the model."""
     _admin(request, state)

@@ -10,6 +10,7 @@ from litestar import Request, get, patch, post
 from litestar.datastructures import State
 
 from common.errors import ApiError, decode_body, not_found
+from common.openapi import documented
 from common.security import Principal
 from services.users.schemas import CreatePlan, CreateUser, Plan, PlanList, UpdateUser, Usage, User, UserList
 
@@ -24,7 +25,7 @@ def _no_user() -> ApiError:
     return not_found("No such user.", code="user_not_found")
 
 
-@post("/v1/users", status_code=201)
+@post("/v1/users", status_code=201, **documented(CreateUser, errors=(403,)))
 async def create_user(request: Request, state: State) -> User:
     deps = state.deps
     admin = _caller(request, state)
@@ -37,13 +38,13 @@ async def create_user(request: Request, state: State) -> User:
     return user
 
 
-@get("/v1/users")
+@get("/v1/users", **documented(errors=(403,)))
 async def list_users(request: Request, state: State) -> UserList:
     _caller(request, state).require_scope("admin")
     return UserList(data=await state.deps.store.list())
 
 
-@get("/v1/users/me")
+@get("/v1/users/me", **documented(errors=(404,)))
 async def read_me(request: Request, state: State) -> User:
     principal = _caller(request, state)
     user = await state.deps.store.get(principal.subject)
@@ -52,7 +53,7 @@ async def read_me(request: Request, state: State) -> User:
     return user
 
 
-@get("/v1/users/{user_id:str}")
+@get("/v1/users/{user_id:str}", **documented(errors=(403, 404)))
 async def read_user(request: Request, state: State, user_id: str) -> User:
     principal = _caller(request, state)
     user = await state.deps.store.get(user_id) if (principal.is_admin or principal.subject == user_id) else None
@@ -61,7 +62,7 @@ async def read_user(request: Request, state: State, user_id: str) -> User:
     return user
 
 
-@patch("/v1/users/{user_id:str}")
+@patch("/v1/users/{user_id:str}", **documented(UpdateUser, errors=(403, 404)))
 async def update_user(request: Request, state: State, user_id: str) -> User:
     deps = state.deps
     admin = _caller(request, state)
@@ -98,17 +99,17 @@ async def _set_disabled(request: Request, state: State, user_id: str, disabled: 
     return user
 
 
-@post("/v1/users/{user_id:str}/disable", status_code=200)
+@post("/v1/users/{user_id:str}/disable", status_code=200, **documented(errors=(403, 404)))
 async def disable_user(request: Request, state: State, user_id: str) -> User:
     return await _set_disabled(request, state, user_id, True)
 
 
-@post("/v1/users/{user_id:str}/enable", status_code=200)
+@post("/v1/users/{user_id:str}/enable", status_code=200, **documented(errors=(403, 404)))
 async def enable_user(request: Request, state: State, user_id: str) -> User:
     return await _set_disabled(request, state, user_id, False)
 
 
-@get("/v1/usage")
+@get("/v1/usage", **documented(errors=(403, 404)))
 async def read_usage(request: Request, state: State, user_id: str | None = None) -> Usage:
     deps = state.deps
     principal = _caller(request, state)
@@ -127,7 +128,7 @@ async def read_usage(request: Request, state: State, user_id: str | None = None)
                  completion_tokens=row["completion_tokens"], requests=row["requests"], resets_at=midnight)
 
 
-@post("/v1/plans", status_code=201)
+@post("/v1/plans", status_code=201, **documented(CreatePlan, errors=(403, 409)))
 async def create_plan(request: Request, state: State) -> Plan:
     """A new plan, for users created on it or moved to it. Plans are not edited in place: move users to
     a new plan (PATCH /v1/users/{id}), which every gateway hears of at once."""
@@ -145,13 +146,13 @@ async def create_plan(request: Request, state: State) -> Plan:
     return plan
 
 
-@get("/v1/plans")
+@get("/v1/plans", **documented(errors=(403,)))
 async def list_plans(request: Request, state: State) -> PlanList:
     _caller(request, state).require_scope("admin")
     return PlanList(data=await state.deps.store.plans())
 
 
-@get("/v1/plans/{name:str}")
+@get("/v1/plans/{name:str}", **documented(errors=(403, 404)))
 async def read_plan(request: Request, state: State, name: str) -> Plan:
     _caller(request, state).require_scope("admin")
     found = await state.deps.store.plans(name)
