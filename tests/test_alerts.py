@@ -9,6 +9,7 @@ it has and a runbook that exists, every runbook has its alert, and k8s ships the
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -16,12 +17,13 @@ import subprocess
 import pytest
 import yaml
 
-from monitoring_support import (PROMETHEUS_RULE_FILE, RULES_FILE, RULES_TEST_FILE, RUNBOOKS, alert_rules,
-                                check_promql, emitted_metrics, load_rules, render_prometheus_rule)
+from monitoring_support import (DASHBOARD_FILE, PROMETHEUS_RULE_FILE, RULES_FILE, RULES_TEST_FILE, RUNBOOKS,
+                                alert_rules, check_promql, emitted_metrics, load_rules, render_prometheus_rule)
 
 SEVERITIES = {"critical", "warning"}
 RUNBOOK_SECTIONS = ("## What it means", "## Confirm", "## Act", "## Escalate")
 _LABEL_REFERENCE = re.compile(r"\{\{\s*\$labels\.(\w+)\s*\}\}")
+_PANEL_REFERENCE = re.compile(r"(?<![*\w])\*([^*\n]+)\*(?![*\w])")  # runbooks name panels *like this*
 
 
 def promtool() -> str:
@@ -109,6 +111,13 @@ def test_each_runbook_says_what_it_means_how_to_confirm_what_to_do_and_when_to_e
     assert text.startswith(f"# {alert}\n")
     missing = [section for section in RUNBOOK_SECTIONS if section not in text]
     assert missing == []
+
+
+def test_the_runbooks_name_only_panels_the_dashboard_has():
+    titles = {panel["title"] for panel in json.loads(DASHBOARD_FILE.read_text())["panels"]}
+    unknown = [f"{path.name}: *{name}*" for path in sorted(RUNBOOKS.glob("Dualgate*.md"))
+               for name in _PANEL_REFERENCE.findall(path.read_text()) if name not in titles]
+    assert unknown == []
 
 
 def test_k8s_ships_the_rules_file_as_it_is():
