@@ -135,8 +135,8 @@ def test_the_checker_notices_what_nothing_emits():
         "sum by (route) (rate(dualgate_failover_total[5m]))": "label 'route'",
         'dualgate_events_consumed_total{outcome="skipped_it"}': "appears nowhere in the code",
         'rate(dualgate_ttft_seconds_bucket{le="3"}[5m])': "no bucket",
-        "sum by (domain) (rate(dualgate_failover_total[5m])) / on (route) sum by (route) (rate(dualgate_requests_total[5m]))":
-            "label 'route'",
+        "sum by (domain) (rate(dualgate_failover_total[5m]))"
+        " / on (route) sum by (route) (rate(dualgate_requests_total[5m]))": "label 'route'",
         'label_replace(dualgate_tokens_total, "x", "$1", "domain", "(.*)")': "label 'domain'",
     }
     for expr, expected in broken.items():

@@ -74,8 +74,9 @@ DATA_CLIENTS: dict[str, set[str]] = {
     "kafka": {"gateway-identity", "gateway-ai", "gateway-fallback", "auth", "users", "chat"},
 }
 HPA_QUEUE_METRICS = {"chat": {"dualgate_kafka_lag"}, "inference": {"dualgate_engine_queue_depth"}}
-# DESIGN §8 and the panels the dashboard must have: every metric the code emits (tests/monitoring_support.py
-# reads them from the code; a query of one it does not emit, or of a label it lacks, is a problem)
+# DESIGN §8 and the panels the dashboard must have: every metric the code emits today (a new metric gets a
+# panel and a name here). A query of a metric the code does not emit, or of a label it lacks, is a problem
+# (tests/monitoring_support.py reads both from the code).
 DASHBOARD_METRICS = {
     "dualgate_requests_total", "dualgate_request_duration_seconds", "dualgate_ttft_seconds",
     "dualgate_tokens_total", "dualgate_cache_hits_total", "dualgate_cache_misses_total",
