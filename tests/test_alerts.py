@@ -17,7 +17,7 @@ import subprocess
 import pytest
 import yaml
 
-from monitoring_support import (DASHBOARD_FILE, PROMETHEUS_RULE_FILE, RULES_FILE, RULES_TEST_FILE, RUNBOOKS,
+from monitoring_support import (DASHBOARD_FILE, MONITORING, PROMETHEUS_RULE_FILE, RULES_FILE, RULES_TEST_FILE, RUNBOOKS,
                                 alert_rules, check_promql, emitted_metrics, load_rules, render_prometheus_rule)
 
 SEVERITIES = {"critical", "warning"}
@@ -118,6 +118,16 @@ def test_the_runbooks_name_only_panels_the_dashboard_has():
     unknown = [f"{path.name}: *{name}*" for path in sorted(RUNBOOKS.glob("Dualgate*.md"))
                for name in _PANEL_REFERENCE.findall(path.read_text()) if name not in titles]
     assert unknown == []
+
+
+def test_the_kubernetes_alerts_watch_exactly_the_namespaces_dualgate_runs_in():
+    """kube-state-metrics sees every namespace: the OOM and restart alerts select dualgate's by name."""
+    manifest = (MONITORING.parent / "namespaces.yaml").read_text()
+    namespaces = {doc["metadata"]["name"] for doc in yaml.safe_load_all(manifest) if doc and doc["kind"] == "Namespace"}
+    running = namespaces - {"data-services", "infrastructure"}  # ExternalName Services; the cluster's own tools
+    for rule in alert_rules():
+        for selected in re.findall(r'namespace=~"([^"]+)"', rule["expr"]):
+            assert set(selected.split("|")) == running, rule["alert"]
 
 
 def test_k8s_ships_the_rules_file_as_it_is():
