@@ -34,6 +34,7 @@ import pytest
 import yaml
 
 from common.settings import ENV_PREFIX, REPO_ROOT, Settings
+from monitoring_support import check_promql, emitted_metrics, load_rules
 from stack.config import BASE_PORTS, DATABASES
 from stack.credentials import VAULT_CLIENTS
 from stack.servers import APP_FACTORIES
@@ -73,14 +74,22 @@ DATA_CLIENTS: dict[str, set[str]] = {
     "kafka": {"gateway-identity", "gateway-ai", "gateway-fallback", "auth", "users", "chat"},
 }
 HPA_QUEUE_METRICS = {"chat": {"dualgate_kafka_lag"}, "inference": {"dualgate_engine_queue_depth"}}
-# DESIGN §8 and the panels the dashboard must have (some are being added to common/metrics.py now)
+# DESIGN §8 and the panels the dashboard must have: every metric the code emits today (a new metric gets a
+# panel and a name here). A query of a metric the code does not emit, or of a label it lacks, is a problem
+# (tests/monitoring_support.py reads both from the code).
 DASHBOARD_METRICS = {
     "dualgate_requests_total", "dualgate_request_duration_seconds", "dualgate_ttft_seconds",
     "dualgate_tokens_total", "dualgate_cache_hits_total", "dualgate_cache_misses_total",
     "dualgate_fallback_total", "dualgate_breaker_state", "dualgate_engine_queue_depth",
     "dualgate_engine_active_sequences", "dualgate_events_published_total", "dualgate_events_consumed_total",
-    "dualgate_kafka_lag",
+    "dualgate_outbox_pending", "dualgate_failover_total", "dualgate_rate_limited_total",
+    "dualgate_auth_failures_total", "dualgate_auth_lookups_total", "dualgate_engine_worker_up",
+    "dualgate_engine_worker_outstanding", "dualgate_engine_worker_requests_total", "dualgate_engine_cancelled_total",
+    "dualgate_engine_batch_size", "dualgate_stage_seconds", "dualgate_secret_rotations_total",
+    "dualgate_audit_dropped_total", "dualgate_gc_frozen_objects",
 }
+# custom resources the bundled Kubernetes schemas do not know: checked by their own tests instead
+CUSTOM_RESOURCES = {("monitoring.coreos.com/v1", "PrometheusRule")}  # tests/test_alerts.py: promtool
 SECRET_SETTINGS = {"DUALGATE_VAULT_ROLE_ID", "DUALGATE_VAULT_SECRET_ID", "DUALGATE_DATABASE_URL",
                    "DUALGATE_BOOTSTRAP_ADMIN_KEY"}
 PLACEHOLDER_NET = ipaddress.ip_network("192.0.2.0/24")  # the base's fail-closed TEST-NET placeholder
@@ -365,6 +374,8 @@ def managed_data_nets(docs: Docs) -> set[str]:
 def check_schemas(docs: Docs) -> list[str]:
     problems = []
     for d in docs:
+        if (d["apiVersion"], d["kind"]) in CUSTOM_RESOURCES:
+            continue
         try:
             kubernetes_validate.validate(d, KUBERNETES_VERSION, strict=True)
         except kubernetes_validate.ValidationError as exc:
@@ -868,13 +879,18 @@ def dashboard_exprs(board: dict) -> list[str]:
     return exprs
 
 
-def metric_names(expr: str) -> set[str]:
-    """Metric names in a PromQL expression (every selector in the dashboard carries {...} or [...])."""
-    without_labels = re.sub(r"\{[^}]*\}", "{}", expr)
-    names = set(re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(?=\{|\[)", without_labels))
-    names |= {t for t in re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", without_labels)
-              if re.search(r"_(total|seconds|bucket|count|sum|depth|sequences|state|lag)$", t)}
-    return {re.sub(r"_(bucket|count|sum)$", "", n) for n in names}
+# Grafana's variables, as PromQL the parser takes: intervals become a duration, the rest a regex
+_GRAFANA_INTERVALS = re.compile(r"\$(__rate_interval|__interval|__range)\b")
+_GRAFANA_VARIABLE = re.compile(r"\$\{?\w+\}?")
+_LABEL_VALUES = re.compile(r"^label_values\((?P<selector>.+),\s*(?P<label>\w+)\)$")
+
+
+def as_promql(expr: str) -> str:
+    """A dashboard query as plain PromQL: `label_values(m{...}, l)` becomes `count by (l) (m{...})`."""
+    expr = _GRAFANA_VARIABLE.sub(".*", _GRAFANA_INTERVALS.sub("5m", expr.strip()))
+    if found := _LABEL_VALUES.match(expr):
+        return f"count by ({found['label']}) ({found['selector']})"
+    return expr
 
 
 def check_dashboard(docs: Docs) -> list[str]:
@@ -887,14 +903,28 @@ def check_dashboard(docs: Docs) -> list[str]:
         problems.append(f"the dashboard ConfigMap lives in {ns(cm)}, not infrastructure")
     if not board.get("panels"):
         problems.append("the dashboard has no panels")
-    charted: set[str] = set()
+    emitted, charted = emitted_metrics(), set()
     for expr in dashboard_exprs(board):
-        for name in metric_names(expr):
-            charted.add(name)
-            if not name.startswith("dualgate_"):
-                problems.append(f"the dashboard queries {name}, not a dualgate_ metric: {expr}")
+        found, _, used = check_promql(as_promql(expr), emitted, where=f"the dashboard's {expr}")
+        problems += found
+        charted |= used
+        problems += [f"the dashboard queries {name}, not a dualgate_ metric: {expr}"
+                     for name in used if not name.startswith("dualgate_")]
     if missing := DASHBOARD_METRICS - charted:
         problems.append(f"the dashboard does not chart {sorted(missing)}")
+    return problems
+
+
+def check_alert_rules(docs: Docs) -> list[str]:
+    """One PrometheusRule, beside Prometheus in infrastructure, holding the rules file as it is."""
+    rules = of_kind(docs, "PrometheusRule")
+    if len(rules) != 1:
+        return [f"{len(rules)} PrometheusRules, not 1"]
+    problems = []
+    if ns(rules[0]) != "infrastructure":
+        problems.append(f"the PrometheusRule lives in {ns(rules[0])}, not infrastructure")
+    if rules[0]["spec"] != load_rules():
+        problems.append("the PrometheusRule differs from k8s/base/monitoring/rules/dualgate.rules.yaml")
     return problems
 
 
@@ -1099,8 +1129,13 @@ def test_the_edge_config_passes_nginx_t(tmp_path):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_the_dashboard_parses_and_charts_only_dualgate_metrics(overlay):
+def test_the_dashboard_charts_every_metric_with_only_metrics_and_labels_the_code_emits(overlay):
     assert check_dashboard(render(overlay)) == []
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_alerting_rules_ship_as_one_prometheus_rule(overlay):
+    assert check_alert_rules(render(overlay)) == []
 
 
 # --- each check can fail: a broken manifest is noticed --------------------------------------------------
@@ -1134,7 +1169,8 @@ def _set(getter: Callable[[Docs], Doc], key: str, value: object) -> Callable[[Do
 def _dashboard_query(expr: str) -> Callable[[Docs], None]:
     def mutate(docs: Docs) -> None:
         cm, board = dashboard(docs)
-        board["panels"][0]["targets"][0]["expr"] = expr
+        charts = [p for p in board["panels"] if p.get("targets")]  # rows have none
+        charts[0]["targets"][0]["expr"] = expr
         (key,) = cm["data"]
         cm["data"][key] = json.dumps(board)
     return mutate
@@ -1279,6 +1315,11 @@ BROKEN: dict[str, tuple[Callable[[Docs], list[str]], Callable[[Docs], None]]] = 
                                     ["httpGet"].update(path="/health")),
     "buffering edge": (check_edge_config, _edge_conf("proxy_buffering off;", "proxy_buffering on;")),
     "non-dualgate metric": (check_dashboard, _dashboard_query("sum(rate(http_requests_total[5m]))")),
+    "metric nothing emits": (check_dashboard, _dashboard_query('max by (topic) (dualgate_kafka_lag{})')),
+    "label the metric lacks": (check_dashboard,
+                               _dashboard_query('max by (upstream) (dualgate_breaker_state{service=~"$service"})')),
+    "rules edited in k8s only": (check_alert_rules, lambda docs: of_kind(docs, "PrometheusRule")[0]["spec"]
+                                 ["groups"][0]["rules"].pop()),
     "prod as small as dev": (lambda docs: check_prod_scale(docs, render("dev")),
                              lambda docs: find(docs, "HorizontalPodAutoscaler", "gateway-ai")["spec"]
                              .update(minReplicas=1)),
