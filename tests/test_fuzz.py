@@ -13,13 +13,11 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from urllib.parse import unquote
 
 import httpx
-import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from schemathesis import Case, GenerationMode
@@ -50,30 +48,10 @@ def _strings(value: object) -> Iterator[str]:
             yield from _strings(item)
 
 
-# 5xx sources issue 23 lists that other branches fix (the edge: ids, query strings and headers; poison:
-# NUL in bodies). A failure whose case matches one is reported as expected (xfail) rather than failed.
-# TODO(lead): drop each entry once its fix is merged; the test then holds it too.
-KNOWN_5XX: dict[str, Callable[[Case], bool]] = {
-    "control character in a path id (item 2, edge)":
-        lambda case: any(_controls(unquote(str(v))) for v in case.path_parameters.values()),  # sent encoded
-    "control character in a query string (item 2, edge)":
-        lambda case: any(_controls(v) for v in _strings(case.query or {})),
-    "non-ASCII header value (item 3, edge)":
-        lambda case: any(not str(v).isascii() for v in (case.headers or {}).values()),
-    "NUL in a JSON body (items 1 and 8, poison)":
-        lambda case: any("\x00" in s for s in _strings(case.body)),
-    # not in the issue's list; the same flaw as item 2 (auth puts the body's user_id, unencoded, in its
-    # URL to the users service: httpx InvalidURL), under "Ids validated and encoded"
-    "control character in POST /v1/keys user_id (ids validated and encoded, edge)":
-        lambda case: case.operation.label == "POST /v1/keys" and isinstance(case.body, dict)
-        and _controls(case.body.get("user_id") or ""),
-}
-
-
 @dataclass
 class Findings:
     requests: int = 0
-    failures: list[tuple[str, str, str]] = field(default_factory=list)  # (known reason or "", operation, what)
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (operation, what)
     fuzzed: set[str] = field(default_factory=set)  # operations
     not_reached: list[str] = field(default_factory=list)
 
@@ -121,8 +99,7 @@ def _fuzz(schema, base_url: str, keys: dict[str, str], http: httpx.Client) -> Fi
             what = f"{response.status_code} not an OpenAI error: {_content_type(response)} {response.text[:200]}"
         else:
             return
-        known = next((reason for reason, matches in KNOWN_5XX.items() if matches(case)), "")
-        findings.failures.append((known, case.operation.label, f"as {who}: {what}\n  {case.as_curl_command()}"))
+        findings.failures.append((case.operation.label, f"as {who}: {what}\n  {case.as_curl_command()}"))
 
     operations = [result.ok() for result in schema.get_all_operations()]
     # pass by pass over every operation, invalid data first: a slow machine that runs out of time
@@ -189,11 +166,7 @@ def test_fuzzing_the_edge_finds_no_5xx_and_only_openai_errors(base_url: str, cre
     assert findings.fuzzed == {result.ok().label for result in schema.get_all_operations()}, findings.not_reached
     if findings.not_reached:  # a slow machine: every operation was fuzzed, not every pass
         print(f"not fuzzed within {TIME_BUDGET:.0f}s: {findings.not_reached}")
-    unknown = [f"{operation} {what}" for known, operation, what in findings.failures if not known]
-    assert not unknown, "\n".join(unknown)
-    if findings.failures:
-        reasons = sorted({known for known, _, _ in findings.failures})
-        pytest.xfail(f"{len(findings.failures)} known 5xx (fixed on other branches of issue 23): {'; '.join(reasons)}")
+    assert not findings.failures, "\n".join(f"{operation} {what}" for operation, what in findings.failures)
 
 
 def test_the_fuzzer_reads_the_committed_document_whole():
