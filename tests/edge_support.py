@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import importlib.util
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -47,14 +45,6 @@ def valkey_process() -> Iterator[subprocess.Popen]:
 def valkey_server() -> Iterator[int]:
     with valkey_process() as process:
         yield process.port
-
-
-async def eventually(condition: Callable[[], object], timeout: float = 5.0) -> None:
-    """Wait until `condition()` (a value, or an awaitable of one) is true."""
-    deadline = time.monotonic() + timeout
-    while not ((await met) if inspect.isawaitable(met := condition()) else met):
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 def sse_body(events: list[bytes], *, cut_after: int | None = None) -> AsyncIterator[bytes]:

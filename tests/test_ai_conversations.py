@@ -16,8 +16,7 @@ import psycopg
 import pytest
 from redis.asyncio import Redis
 
-from ai_support import eventually, new_user, register_model
-from identity_support import internal_tokens, wait_until
+from ai_support import register_model
 from common.contracts import TurnEvent, UsageEvent
 from common.events import EventPublisher
 from common.openai_schema import Usage
@@ -27,6 +26,8 @@ from services.chat.outbox import TurnOutbox
 from services.chat.schemas import HistoryTurn
 from services.chat.store import ConversationStore, TurnStore
 from stack.servers import free_port
+from support import eventually, internal_tokens, user_with_key
+from identity_support import current_creds
 
 CPU_MODEL = "smollm2-135m-instruct"
 SUFFIX = uuid.uuid4().hex[:6]
@@ -52,7 +53,7 @@ async def models(base_url, admin_headers):
 @pytest.fixture(scope="module")
 async def other_user(base_url, admin_headers) -> dict[str, str]:
     async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
-        _, key = await new_user(http, admin_headers)
+        _, key = await user_with_key(http, admin_headers)
     return {"authorization": f"Bearer {key}"}
 
 
@@ -340,12 +341,12 @@ async def test_a_key_another_chat_replica_holds_is_refused_while_answered_and_re
         http, admin_headers, stack):
     """A retry that lands on another chat replica never generates a second answer. The other replica
     is played here by the claims it shares through Redis (this stack runs one chat process)."""
-    user_id, api_key = await new_user(http, admin_headers)
+    user_id, api_key = await user_with_key(http, admin_headers)
     headers = {"authorization": f"Bearer {api_key}"}
     body = {"model": "synthetic", "temperature": 0.7, "max_tokens": 8,
             "messages": [{"role": "user", "content": "Only once, across replicas."}]}
     redis = Redis(port=stack.config.port("redis"), socket_timeout=2, socket_connect_timeout=2)
-    other_replica = IdempotencyClaims(redis, internal_tokens(stack, "chat"))
+    other_replica = IdempotencyClaims(redis, internal_tokens(current_creds(stack), "chat"))
     answering, answered = f"idem-{uuid.uuid4().hex}", f"idem-{uuid.uuid4().hex}"
     try:
         assert await other_replica.claim(user_id, answering) is None
@@ -357,7 +358,7 @@ async def test_a_key_another_chat_replica_holds_is_refused_while_answered_and_re
         async def released() -> bool:
             return not await redis.exists(redis_key(user_id, answering))
 
-        await wait_until(released, timeout=5, what="the other replica's claim released")
+        await eventually(released, timeout=5, what="the other replica's claim released")
         fresh = await http.post("/v1/chat/completions", json=body, headers={**headers, "Idempotency-Key": answering})
         assert fresh.status_code == 200 and "x-dualgate-idempotent-replay" not in fresh.headers
 
@@ -380,7 +381,7 @@ async def test_a_key_another_chat_replica_holds_is_refused_while_answered_and_re
 async def test_a_stream_the_client_leaves_frees_its_idempotency_key_at_once(http, admin_headers, models):
     """A client that gives up on a stream retries with the same key; it must not be told for minutes
     that the abandoned answer is still being answered."""
-    _, api_key = await new_user(http, admin_headers)
+    _, api_key = await user_with_key(http, admin_headers)
     headers = {"authorization": f"Bearer {api_key}", "Idempotency-Key": f"idem-{uuid.uuid4().hex}"}
     body = {"model": models["long"], "stream": True, "messages": [{"role": "user", "content": "A long one."}]}
     async with http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as resp:
@@ -393,7 +394,7 @@ async def test_a_stream_the_client_leaves_frees_its_idempotency_key_at_once(http
         async with http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as retry:
             return retry.status_code == 200  # 409 while the abandoned answer held the key
 
-    await wait_until(retry_is_answered, timeout=4, interval=0.2, what="the abandoned stream's key freed")
+    await eventually(retry_is_answered, timeout=4, interval=0.2, what="the abandoned stream's key freed")
 
 
 async def test_the_same_idempotency_key_while_the_first_is_answering_is_a_409(http, demo_headers, models):

@@ -21,7 +21,8 @@ from stack.bench.overhead import stage_totals
 from stack.config import GATEWAYS, SERVICES
 from stack.servers import free_port
 
-from ai_support import acting_as, eventually, register_model
+from ai_support import acting_as, register_model
+from support import eventually
 
 CPU_MODEL = "smollm2-135m-instruct"
 SUFFIX = uuid.uuid4().hex[:6]

@@ -11,8 +11,8 @@ import openai
 import psycopg
 import pytest
 from openai import OpenAI
+from support import eventually, user_with_key
 
-from ai_support import eventually, new_user
 
 CPU_MODEL = "smollm2-135m-instruct"
 
@@ -105,7 +105,7 @@ async def test_a_user_lists_only_the_models_their_plan_allows(http, admin_header
     with psycopg.connect(stack.admin_dsn("users"), autocommit=True) as conn:
         conn.execute("INSERT INTO plans (name, requests_per_min, tokens_per_day, max_tokens, allowed_models) "
                      "VALUES (%s, 600, 1000000, 4096, %s)", (plan, ["synthetic"]))
-    _, key = await new_user(http, admin_headers, plan=plan)
+    _, key = await user_with_key(http, admin_headers, plan=plan)
     client = OpenAI(base_url=f"{base_url}/v1", api_key=key, max_retries=0, timeout=30)
 
     assert [m.id for m in client.models.list().data] == ["synthetic"]

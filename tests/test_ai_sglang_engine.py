@@ -14,8 +14,7 @@ from common.engines.base import EngineRejected, EngineUnavailable, Finished, Gen
 from services.inference.engines.sglang import WorkerOptions, WorkerPool, WorkerStreamError, route_key
 from services.inference.engines.synthetic import SyntheticEngine
 from services.inference.testing.fake_sglang_worker import FakeSglangWorker
-
-from ai_support import eventually
+from support import eventually
 
 
 @pytest.fixture(scope="module")

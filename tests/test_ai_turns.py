@@ -22,8 +22,9 @@ from common.contracts import TURNS_TOPIC, TurnEvent
 from common.openai_schema import Usage
 from stack.local import LocalStack
 
-from ai_support import acting_as, eventually, register_model
+from ai_support import acting_as, register_model
 from kafka_support import produce
+from support import eventually
 
 READY_AFTER_RESTORE = ("postgres", "kafka", "auth", "users", "models", "inference", "chat", "gateway-ai",
                        "gateway-identity", "router", "nginx")

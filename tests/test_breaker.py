@@ -16,13 +16,7 @@ from redis.asyncio import Redis
 
 from common.breaker import AsyncBreaker, BreakerOpen, is_upstream_failure
 from edge_support import free_port, valkey_process
-
-
-async def eventually(condition: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
+from support import eventually
 
 
 @dataclass

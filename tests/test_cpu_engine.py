@@ -17,6 +17,7 @@ import pytest_asyncio
 from common.engines.cpu import (
     CpuEngine, EngineBusy, EngineStopped, Finished, GenerationRequest, TokenDelta,
 )
+from support import eventually
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -42,14 +43,6 @@ async def run(engine: CpuEngine, request: GenerationRequest) -> tuple[list[str],
             return pieces, event
         pieces.append(event.text)
     raise AssertionError("the stream ended without Finished")
-
-
-async def until(condition, timeout: float = 10.0) -> None:
-    async def poll() -> None:
-        while not condition():
-            await asyncio.sleep(0.01)
-
-    await asyncio.wait_for(poll(), timeout)
 
 
 async def test_greedy_generation_streams_text_and_counts_real_tokens(engine: CpuEngine) -> None:
@@ -103,7 +96,7 @@ async def test_concurrent_requests_are_batched_together(engine: CpuEngine) -> No
 
     assert all(r.completion_tokens > 0 for r in results)
     assert peak > 1
-    await until(lambda: engine.active_sequences == 0)
+    await eventually(lambda: engine.active_sequences == 0)
 
 
 async def test_closing_a_stream_frees_its_slot(engine: CpuEngine) -> None:
@@ -113,7 +106,7 @@ async def test_closing_a_stream_frees_its_slot(engine: CpuEngine) -> None:
 
     await events.aclose()
 
-    await until(lambda: engine.active_sequences == 0, timeout=5)
+    await eventually(lambda: engine.active_sequences == 0, timeout=5)
 
 
 async def test_full_queue_answers_busy_and_stop_ends_streams() -> None:
@@ -124,7 +117,7 @@ async def test_full_queue_answers_busy_and_stop_ends_streams() -> None:
     await running.__anext__()
     waiting = small.generate(long)
     waiting_first = asyncio.ensure_future(waiting.__anext__())
-    await until(lambda: small.queue_depth == 1)
+    await eventually(lambda: small.queue_depth == 1)
 
     with pytest.raises(EngineBusy) as busy:
         await small.generate(long).__anext__()
@@ -163,7 +156,7 @@ async def serve_inference(cpu: CpuEngine):
         sock.bind(("127.0.0.1", 0))
         server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning"))
         task = asyncio.create_task(server.serve(sockets=[sock]))
-        await until(lambda: server.started)
+        await eventually(lambda: server.started)
         headers = tokens.headers("inference", Principal(subject="usr_test", scopes=("user",)))
         try:
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", headers=headers,
@@ -185,7 +178,7 @@ async def test_over_http_a_full_queue_is_a_429_with_retry_after_and_a_hang_up_gi
                 assert running.status_code == 200  # it holds the only slot
                 waiting = asyncio.ensure_future(http.post("/v1/chat/completions",
                                                           json={**body, "stream": False, "max_tokens": 2}))
-                await until(lambda: small.queue_depth == 1)
+                await eventually(lambda: small.queue_depth == 1)
 
                 refused = await http.post("/v1/chat/completions", json=body)
 
@@ -196,6 +189,6 @@ async def test_over_http_a_full_queue_is_a_429_with_retry_after_and_a_hang_up_gi
             answered = await asyncio.wait_for(waiting, 30)
             assert answered.status_code == 200
             assert answered.json()["usage"]["completion_tokens"] <= 2
-            await until(lambda: small.active_sequences == 0 and small.queue_depth == 0)
+            await eventually(lambda: small.active_sequences == 0 and small.queue_depth == 0)
     finally:
         await small.stop()

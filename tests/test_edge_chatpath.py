@@ -33,13 +33,14 @@ from common.openai_schema import ChatCompletionRequest, Usage, request_hash
 from gateway.proxy import Hop, RetryBudget, UpstreamUnavailable
 from common.security import InternalTokens, Principal
 from common.sse import StreamTap
-from edge_support import eventually, sse_body, valkey_server
+from edge_support import sse_body, valkey_server
 from gateway.cache import CacheEntry, ResponseCache
 from fallback.chain import CachedAnswer, ChainRequest, FallbackChain, LocalModel, SimplifiedModel
 from gateway.chatpath import ChatPath
 from gateway.forward import key_rate
 from fallback.turns import TurnLog
 from services.chat.claims import IdempotencyClaims
+from support import eventually
 
 MODEL = "synthetic"
 

@@ -18,7 +18,7 @@ from common.settings import REPO_ROOT
 from stack.config import StackConfig
 from stack.local import LocalStack
 from stack.servers import free_port, render_nginx
-from identity_support import wait_until
+from support import eventually
 
 HEX_ID = re.compile(r"^[0-9a-f]{32}$")
 ERROR_FIELDS = {"message", "type", "param", "code"}
@@ -135,7 +135,7 @@ async def test_a_stopped_router_is_a_flagged_retryable_json_answer(stack: LocalS
             return False
         return answer.status_code == 200 and "x-dualgate-degraded" not in answer.headers
 
-    await wait_until(served, timeout=60, interval=0.2, what="the router serving again")
+    await eventually(served, timeout=60, interval=0.2, what="the router serving again")
 
 
 async def test_a_refused_router_is_retried_on_the_next_one_even_for_a_post(stack: LocalStack, tmp_path: Path,
@@ -157,7 +157,7 @@ async def test_a_refused_router_is_retried_on_the_next_one_even_for_a_post(stack
                 except httpx.HTTPError:
                     return False
 
-            await wait_until(listening, timeout=10, what="the second edge listening")
+            await eventually(listening, timeout=10, what="the second edge listening")
             for _ in range(3):  # the refusing router comes first every other request (round robin)
                 created = await client.post("/v1/conversations", json={"title": "retried"})
                 assert created.status_code == 201, created.text

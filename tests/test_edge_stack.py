@@ -11,14 +11,7 @@ import psycopg
 
 from stack.drill import admin_dsn
 from stack.local import LocalStack
-
-
-def _wait_for(predicate, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"condition not met within {timeout}s"
-        time.sleep(0.05)
-    return value
+from support import wait_for
 
 
 async def new_key(http: httpx.AsyncClient, admin_headers: dict, plan: str = "default") -> tuple[str, str]:
@@ -97,7 +90,7 @@ async def test_request_id_and_trace_travel_to_the_chat_service_and_back(stack: L
     assert response.status_code == 200 and response.headers["x-request-id"] == request_id
     assert response.headers["x-ratelimit-limit-tokens"]
     with psycopg.connect(admin_dsn(stack, "chat"), autocommit=True) as conn:
-        _wait_for(lambda: conn.execute("SELECT 1 FROM turns WHERE request_id = %s", (request_id,)).fetchone(),
+        wait_for(lambda: conn.execute("SELECT 1 FROM turns WHERE request_id = %s", (request_id,)).fetchone(),
                   timeout=20)
 
 

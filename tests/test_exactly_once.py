@@ -4,7 +4,6 @@ hang and the chat service is stopped; degraded answers kept in the conversation,
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,17 +14,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from stack.config import REPLICA_OF
 from stack.drill import admin_dsn
 from stack.local import LocalStack
+from support import wait_for
 
 AI_GATEWAYS = ("gateway-ai", *[name for name, of in REPLICA_OF.items() if of == "gateway-ai"])
 SLOW_MODEL = "once-slow"  # the synthetic engine, slow to its first token: a request stays in flight
-
-
-def _wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"{what} not met within {timeout}s"
-        time.sleep(0.1)
-    return value
 
 
 def _sample(stack: LocalStack, component: str, name: str, **labels: str) -> float:
@@ -66,7 +58,7 @@ def _primary_again(stack: LocalStack, headers: dict[str, str]) -> None:
         clean = clean + 1 if ok else 0
         return clean >= 3
 
-    _wait_for(answered_cleanly, 60, "a clean primary path")
+    wait_for(answered_cleanly, 60, "a clean primary path")
 
 
 def _content(response: httpx.Response) -> str:
@@ -99,7 +91,7 @@ def test_a_request_failed_over_while_its_first_gateway_still_runs_it_is_stored_o
                                  "messages": [{"role": "user", "content": "stored once, whoever answers"}]})
         try:
             # the AI gateway has passed it on and the chat service is generating: now the gateway hangs
-            _wait_for(lambda: _chat_prepared(stack) > prepared, 30, "the chat service has the request")
+            wait_for(lambda: _chat_prepared(stack) > prepared, 30, "the chat service has the request")
             for name in AI_GATEWAYS:
                 stack.supervisor.signal(name, "STOP")
             response = sent.result(timeout=90)
@@ -110,8 +102,8 @@ def test_a_request_failed_over_while_its_first_gateway_still_runs_it_is_stored_o
     assert response.headers["x-dualgate-route"] == "fallback"  # the router failed it over: asked twice
     stack.wait_ready((*AI_GATEWAYS, "router"), timeout=60)
     # both attempts reached the chat service, and whatever each spooled has reached the database
-    _wait_for(lambda: _chat_prepared(stack) >= prepared + 2, 30, "both attempts at the chat service")
-    _wait_for(lambda: _spool_empty(stack), 60, "the spool drained")
+    wait_for(lambda: _chat_prepared(stack) >= prepared + 2, 30, "both attempts at the chat service")
+    wait_for(lambda: _spool_empty(stack), 60, "the spool drained")
     stored = _turns_of_request(stack, request_id)
     assert len(stored) == 1, stored
     assert stored[0][1] == response.json()["choices"][0]["message"]["content"]
@@ -166,7 +158,7 @@ def test_a_degraded_answer_in_a_conversation_appears_in_its_history_flagged(stac
             listed = http.get(f"/v1/conversations/{conversation}/messages", headers=demo_headers)
             return listed.json()["data"] if listed.status_code == 200 else []
 
-        messages = _wait_for(lambda: len(history()) == 2 and history(), 30, "the degraded turn in the history")
+        messages = wait_for(lambda: len(history()) == 2 and history(), 30, "the degraded turn in the history")
     assert [m["role"] for m in messages] == ["user", "assistant"]
     assert messages[1]["content"] == _content(answered)
     assert messages[1]["degraded"] == "simplified" and not messages[0].get("degraded")

@@ -8,8 +8,8 @@ import re
 import httpx
 import pytest
 
-from ai_support import new_user
 from stack.local import LocalStack
+from support import user_with_key
 
 CHAT = "/v1/chat/completions"
 GOOD = {"model": "synthetic", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -93,7 +93,7 @@ async def _breakers(stack: LocalStack, http: httpx.AsyncClient) -> dict[str, str
 
 async def test_one_users_100_malformed_requests_leave_others_unflagged_and_every_breaker_closed(
         stack: LocalStack, http, admin_headers, demo_headers):
-    _, attacker_key = await new_user(http, admin_headers)
+    _, attacker_key = await user_with_key(http, admin_headers)
     attacker = {"authorization": f"Bearer {attacker_key}"}
     user_cases = [case for case, spec in HOSTILE.items() if not spec[4]]
     async with httpx.AsyncClient(timeout=10) as probe:

@@ -10,8 +10,9 @@ import jwt
 import pytest
 
 from common.security import INTERNAL_TOKEN_HEADER, Principal, service_principal
-from identity_support import internal_tokens
 from stack.local import LocalStack
+from support import internal_tokens
+from identity_support import current_creds
 
 ADMIN = Principal(subject="usr_admin", scopes=("admin", "user"), key_id="0123456789abcdef")
 # one route per service; a valid token gets past authentication (any answer but 401)
@@ -32,7 +33,7 @@ def _call(stack: LocalStack, service: str, headers: dict[str, str]) -> httpx.Res
 
 @pytest.mark.parametrize("service", sorted(CALLS))
 def test_a_service_refuses_any_call_without_a_valid_internal_token_for_it(stack, service):
-    tokens = internal_tokens(stack, "gateway-identity")
+    tokens = internal_tokens(current_creds(stack), "gateway-identity")
     other = "auth" if service != "auth" else "users"
     now = int(time.time())
     claims = {"iss": "dualgate-internal", "src": "gateway-ai", "aud": service, "sub": "usr_admin",
@@ -60,7 +61,7 @@ def test_a_service_refuses_any_call_without_a_valid_internal_token_for_it(stack,
 
 
 def test_introspection_is_for_services_only(stack):
-    tokens = internal_tokens(stack, "gateway-identity")
+    tokens = internal_tokens(current_creds(stack), "gateway-identity")
     url = f"{stack.config.url('auth')}/internal/introspect"
     body = {"key": "dg-0123456789abcdef-whatever"}
     as_user = httpx.post(url, json=body, headers={INTERNAL_TOKEN_HEADER: tokens.mint("auth", ADMIN)})

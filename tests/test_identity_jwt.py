@@ -14,8 +14,9 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from common.vault import JWT_TRANSIT_KEY
-from identity_support import bearer, new_key, new_user, vault_root, wait_until
+from identity_support import bearer, vault_root
 from stack.local import LocalStack
+from support import eventually, new_key, new_user
 
 PROTECTED = ("/v1/users/me", "/v1/models")  # one route per gateway
 
@@ -116,10 +117,10 @@ async def test_tokens_stop_when_their_key_is_revoked_or_their_user_disabled(http
     async def refused(tok: str) -> bool:
         return all([(await http.get(path, headers=bearer(tok))).status_code == 401 for path in PROTECTED])
 
-    await wait_until(lambda: refused(token), timeout=1.0, what="token of a revoked key refused")
+    await eventually(lambda: refused(token), timeout=1.0, what="token of a revoked key refused")
     assert (await http.get("/v1/models", headers=bearer(other_token))).status_code == 200
     await http.post(f"/v1/users/{user_id}/disable", headers=admin_headers)
-    await wait_until(lambda: refused(other_token), timeout=1.0, what="token of a disabled user refused")
+    await eventually(lambda: refused(other_token), timeout=1.0, what="token of a disabled user refused")
 
 
 async def test_a_refused_jwt_is_audited_with_who_it_claimed_to_be_and_why(http, admin_headers):
@@ -140,7 +141,7 @@ async def test_a_refused_jwt_is_audited_with_who_it_claimed_to_be_and_why(http, 
             resp = await http.get("/v1/auth/audit", params={"request_id": request_id}, headers=admin_headers)
             return resp.json()["data"] or None
 
-        (row,) = await wait_until(audited, timeout=30, interval=0.3, what=f"{gateway} audits the refused JWT")
+        (row,) = await eventually(audited, timeout=30, interval=0.3, what=f"{gateway} audits the refused JWT")
         assert (row["action"], row["outcome"], row["actor"], row["target"]) == ("auth.failed", "denied", "anonymous",
                                                                               key_id)
         assert row["detail"]["via"] == "jwt" and row["detail"]["reason"] == "jwt_invalid"

@@ -15,8 +15,9 @@ import pytest
 
 from common.settings import REPO_ROOT
 from common.security import service_principal
-from identity_support import bearer, internal_tokens, new_key, new_user, wait_until
+from identity_support import bearer, current_creds
 from stack.local import LocalStack
+from support import eventually, internal_tokens, new_key, new_user
 
 UNAUTHORIZED = {"error": {"message": "Invalid or missing credentials.", "type": "authentication_error",
                           "param": None, "code": "invalid_api_key"}}
@@ -81,7 +82,7 @@ async def test_a_rotated_key_keeps_its_old_secret_for_the_grace_window_then_not(
         codes.append((await http.get("/v1/users/me", headers=bearer(old))).status_code)
         return all(code == 401 for code in codes)
 
-    await wait_until(old_refused_everywhere, timeout=grace_end + 1.0 - time.time(), what="old secret refused")
+    await eventually(old_refused_everywhere, timeout=grace_end + 1.0 - time.time(), what="old secret refused")
     assert (await http.get("/v1/users/me", headers=bearer(new))).status_code == 200
 
 
@@ -90,7 +91,7 @@ async def test_introspection_gives_gateways_the_plan_and_the_end_of_a_grace_wind
     old, key_id = await new_key(http, admin_headers, user_id)
     rotated = await http.post(f"/v1/keys/{key_id}/rotate", json={"grace_seconds": 600}, headers=admin_headers)
     new = rotated.json()["key"]
-    tokens = internal_tokens(stack, "gateway-identity")
+    tokens = internal_tokens(current_creds(stack), "gateway-identity")
     headers = tokens.headers("auth", service_principal("gateway-identity"))
     answers = {}
     for name, key in (("old", old), ("new", new)):

@@ -12,9 +12,10 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from common.contracts import USAGE_TOPIC, UsageEvent
-from identity_support import bearer, new_key, new_user, wait_until
+from identity_support import bearer
 from kafka_support import produce
 from stack.local import LocalStack
+from support import eventually, new_key, new_user
 
 DLQ = f"{USAGE_TOPIC}.dlq"
 
@@ -53,7 +54,7 @@ async def test_the_same_usage_event_delivered_twice_counts_once(http, admin_head
     await _publish(producer, user_id, event)  # redelivered
     # a later event on the same partition: once it counts, the duplicate has been processed too
     await _publish(producer, user_id, msgspec.json.encode(_event(user_id, 1, 0)))
-    await wait_until(lambda: _at(http, admin_headers, user_id, 16), timeout=30, interval=0.2, what="ledger caught up")
+    await eventually(lambda: _at(http, admin_headers, user_id, 16), timeout=30, interval=0.2, what="ledger caught up")
     usage = (await http.get("/v1/usage", headers=bearer(key))).json()
     assert (usage["used_tokens"], usage["requests"]) == (16, 2)
     assert usage["remaining_tokens"] == usage["tokens_per_day"] - 16
@@ -75,7 +76,7 @@ async def test_poison_usage_events_go_to_the_dlq_and_the_ledger_keeps_going(http
     for value in (unreadable, refused, negative):
         await _publish(producer, user_id, value)
     await _publish(producer, user_id, msgspec.json.encode(_event(user_id, 7, 0)))
-    await wait_until(lambda: _at(http, admin_headers, user_id, 7), timeout=30, interval=0.2,
+    await eventually(lambda: _at(http, admin_headers, user_id, 7), timeout=30, interval=0.2,
                      what="the event after the poison counted")
 
     consumer = AIOKafkaConsumer(bootstrap_servers=f"127.0.0.1:{stack.config.port('kafka')}", group_id=None,
@@ -93,7 +94,7 @@ async def test_poison_usage_events_go_to_the_dlq_and_the_ledger_keeps_going(http
             found.extend(r.value for records in batches.values() for r in records if marker.encode() in r.value)
             return len(found) >= 3
 
-        await wait_until(all_three, timeout=20, interval=0.05, what="poison in the DLQ")
+        await eventually(all_three, timeout=20, interval=0.05, what="poison in the DLQ")
     finally:
         await consumer.stop()
     assert set(found) == {unreadable, refused, negative}
@@ -118,7 +119,7 @@ async def test_audit_rows_name_the_actor_and_the_request(http, admin_headers):
         rows = resp.json()["data"]
         return rows if len(rows) >= 6 else None
 
-    rows = await wait_until(recorded, timeout=30, interval=0.3, what="audit rows")
+    rows = await eventually(recorded, timeout=30, interval=0.3, what="audit rows")
     seen = {(r["action"], r["target"]) for r in rows}
     assert seen >= {("user.created", user_id), ("key.created", key_id), ("key.rotated", key_id),
                     ("user.disabled", user_id), ("key.revoked", key_id)}
@@ -129,5 +130,5 @@ async def test_audit_rows_name_the_actor_and_the_request(http, admin_headers):
         resp = await http.get("/v1/auth/audit", params={"request_id": failed_id}, headers=admin_headers)
         return resp.json()["data"] or None
 
-    failure = (await wait_until(failure_recorded, timeout=30, interval=0.3, what="auth failure audited"))[0]
+    failure = (await eventually(failure_recorded, timeout=30, interval=0.3, what="auth failure audited"))[0]
     assert (failure["action"], failure["outcome"], failure["target"]) == ("auth.failed", "denied", key_id)

@@ -16,8 +16,9 @@ import pytest
 from gateway.authn import KeyAuthenticator, SnapshotAuthenticator, seal_entry, unseal_entry
 from common.contracts import AUTH_SNAPSHOT
 from common.errors import ApiError
-from identity_support import bearer, internal_tokens, new_key, new_user, paused, redis_client, wait_until
+from identity_support import bearer, paused, redis_client, stack_tokens
 from stack.local import LocalStack
+from support import eventually, new_key, new_user
 
 DEADLINE = 1.0
 
@@ -27,9 +28,9 @@ async def snapshot_auth(stack: LocalStack):
     """The fallback gateway's authenticator, wired as the fallback gateway wires it."""
     redis = redis_client(stack)
     auth = httpx.AsyncClient(base_url=stack.config.url("auth"), timeout=2)
-    authenticator = SnapshotAuthenticator(redis, internal_tokens(stack, "gateway-fallback"), auth_client=auth)
+    authenticator = SnapshotAuthenticator(redis, stack_tokens(stack, "gateway-fallback"), auth_client=auth)
     await authenticator.start()
-    await wait_until(lambda: _true(authenticator.feed.subscribed), timeout=5, what="snapshot feed subscribed")
+    await eventually(lambda: _true(authenticator.feed.subscribed), timeout=5, what="snapshot feed subscribed")
     yield authenticator
     await authenticator.stop()
     await auth.aclose()
@@ -127,7 +128,7 @@ async def test_revocation_lands_within_one_second_while_redis_is_frozen(http, ad
     print("with redis frozen, refused after", {k: round(v, 3) for k, v in delays.items()})
     assert all(delay < DEADLINE for delay in delays.values()), delays
     # once Redis is back the markers are re-seeded and the key stays refused everywhere
-    await wait_until(lambda: _true(snapshot_auth.feed.subscribed), timeout=10, what="resubscribed")
+    await eventually(lambda: _true(snapshot_auth.feed.subscribed), timeout=10, what="resubscribed")
     for name, probe in probes.items():
         assert await probe(key) == 401, name
 
@@ -143,7 +144,7 @@ async def test_a_disabled_user_fails_on_every_gateway_within_one_second(http, ad
     assert all(delay < DEADLINE for delay in delays), delays
     # enabling the user lets the key in again
     assert (await http.post(f"/v1/users/{user_id}/enable", headers=admin_headers)).status_code == 200
-    await wait_until(lambda: _all_ok(probes, key), timeout=2, what="key accepted again")
+    await eventually(lambda: _all_ok(probes, key), timeout=2, what="key accepted again")
 
 
 async def _all_ok(probes, key: str) -> bool:
@@ -158,13 +159,13 @@ async def test_the_snapshot_authenticator_serves_from_memory_while_redis_is_down
     assert (await http.get("/v1/users/me", headers=bearer(key))).status_code == 200  # a gateway snapshots it
     redis = redis_client(stack)
     # no auth client: the snapshot is all it has
-    authenticator = SnapshotAuthenticator(redis, internal_tokens(stack, "gateway-fallback"), sync_seconds=3600)
+    authenticator = SnapshotAuthenticator(redis, stack_tokens(stack, "gateway-fallback"), sync_seconds=3600)
     await authenticator.start()
     try:
-        await wait_until(lambda: _true(authenticator.feed.subscribed), timeout=5, what="subscribed")
+        await eventually(lambda: _true(authenticator.feed.subscribed), timeout=5, what="subscribed")
         await authenticator.sync()
         with paused(stack, "redis"):
-            await wait_until(lambda: _true(not authenticator.feed.subscribed), timeout=3, what="drop noticed")
+            await eventually(lambda: _true(not authenticator.feed.subscribed), timeout=3, what="drop noticed")
             identity = await authenticator.authenticate_token(key)
             assert identity.principal.key_id == key_id
             with pytest.raises(ApiError) as refused:  # never snapshotted: unknown here
@@ -184,7 +185,7 @@ async def test_with_the_auth_service_down_known_keys_keep_working_and_revoked_on
     identity_gw = f"{stack.config.url('gateway-identity')}/v1/users/me"
     ai_gw = f"{stack.config.url('gateway-ai')}/v1/models"
     redis = redis_client(stack)
-    tokens = internal_tokens(stack, "gateway-identity")
+    tokens = stack_tokens(stack, "gateway-identity")
 
     async def snapshotted(key: str):
         # a gateway writes the snapshot when it introspects while subscribed (it may still be
@@ -192,9 +193,9 @@ async def test_with_the_auth_service_down_known_keys_keep_working_and_revoked_on
         assert await _status(http, identity_gw, key) == 200
         return unseal_entry(tokens, await redis.hget(AUTH_SNAPSHOT, hashlib.sha256(key.encode()).hexdigest()))
 
-    entry = await wait_until(lambda: snapshotted(known), timeout=10, interval=0.3, what="known key snapshotted")
+    entry = await eventually(lambda: snapshotted(known), timeout=10, interval=0.3, what="known key snapshotted")
     assert entry.principal.key_id == known_id
-    await wait_until(lambda: snapshotted(revoked), timeout=10, interval=0.3, what="revoked key snapshotted")
+    await eventually(lambda: snapshotted(revoked), timeout=10, interval=0.3, what="revoked key snapshotted")
     assert (await http.delete(f"/v1/keys/{revoked_id}", headers=admin_headers)).status_code == 200
     # the snapshot entry is five minutes old: no gateway trusts it without asking, unless it cannot ask
     digest = hashlib.sha256(known.encode()).hexdigest()
@@ -223,16 +224,16 @@ async def test_with_auth_unreachable_a_gateway_keeps_a_key_it_checked_even_when_
     key, key_id = await new_key(http, admin_headers, user_id)
     redis = redis_client(stack)
     auth = httpx.AsyncClient(base_url=stack.config.url("auth"), timeout=2)
-    authenticator = KeyAuthenticator(auth, internal_tokens(stack, "gateway-ai"), "gateway-ai", redis, cache_seconds=0.2)
+    authenticator = KeyAuthenticator(auth, stack_tokens(stack, "gateway-ai"), "gateway-ai", redis, cache_seconds=0.2)
     await authenticator.start()
     try:
-        await wait_until(lambda: _true(authenticator._subscribed), timeout=5, what="subscribed")
+        await eventually(lambda: _true(authenticator._subscribed), timeout=5, what="subscribed")
         assert (await authenticator.authenticate_token(key)).principal.key_id == key_id
         digest = hashlib.sha256(key.encode())
         await redis.hdel(AUTH_SNAPSHOT, digest.hexdigest())  # the shared copy is gone
         authenticator.client = httpx.AsyncClient(base_url="http://127.0.0.1:1", timeout=0.5)  # auth unreachable
         cached = authenticator._cache[digest.digest()]
-        await wait_until(lambda: _true(time.monotonic() - cached.stored > 0.2), timeout=2, what="cache lifetime over")
+        await eventually(lambda: _true(time.monotonic() - cached.stored > 0.2), timeout=2, what="cache lifetime over")
         assert (await authenticator.authenticate_token(key)).principal.key_id == key_id
         # a key this gateway never saw is not admitted: 503 (it cannot ask), never a guess
         stranger, _ = await new_key(http, admin_headers, user_id)
@@ -253,11 +254,11 @@ async def test_the_fallback_gateway_answers_a_key_it_cannot_verify_with_a_flagge
     key, _ = await new_key(http, admin_headers, await new_user(http, admin_headers))
     redis = redis_client(stack)
     unreachable = httpx.AsyncClient(base_url="http://127.0.0.1:1", timeout=0.5)
-    authenticator = SnapshotAuthenticator(redis, internal_tokens(stack, "gateway-fallback"), auth_client=unreachable,
+    authenticator = SnapshotAuthenticator(redis, stack_tokens(stack, "gateway-fallback"), auth_client=unreachable,
                                           sync_seconds=3600)
     await authenticator.start()
     try:
-        await wait_until(lambda: _true(authenticator.feed.subscribed), timeout=5, what="subscribed")
+        await eventually(lambda: _true(authenticator.feed.subscribed), timeout=5, what="subscribed")
         with pytest.raises(ApiError) as refused:
             await authenticator.authenticate_token(key)  # never used, so in no snapshot
         assert refused.value.status == 503

@@ -17,11 +17,12 @@ import jwt
 
 from common.settings import REPO_ROOT
 from common.vault import DATABASE_MOUNT, KV_MOUNT, PEPPER_PATH, database_role, unix_time
-from identity_support import bearer, current_creds, new_key, new_user, paused, vault_root, wait_until
+from identity_support import bearer, current_creds, paused, vault_root
 from stack.config import DATABASES
 from stack.local import LocalStack
 from stack.secrets import pepper_versions_in_use
 from stack.vault_bootstrap import write_database_role
+from support import eventually, new_key, new_user
 
 
 def _cli(stack: LocalStack, *args: str) -> subprocess.CompletedProcess:
@@ -43,7 +44,7 @@ async def test_services_keep_serving_on_fetched_secrets_while_vault_is_unreachab
             async def degraded(service=service):
                 ready = await _readyz(stack, service)
                 return ready["code"] == 200 and ready["status"] == "degraded" and "vault" in ready["degraded"]
-            await wait_until(degraded, timeout=20, interval=0.5, what=f"{service} reports vault degraded")
+            await eventually(degraded, timeout=20, interval=0.5, what=f"{service} reports vault degraded")
         # requests keep working on the pepper, internal keys and database credentials already fetched
         assert (await http.get("/v1/users/me", headers=bearer(key))).status_code == 200
         fresh, _ = await new_key(http, admin_headers, await new_user(http, admin_headers))
@@ -55,7 +56,7 @@ async def test_services_keep_serving_on_fetched_secrets_while_vault_is_unreachab
     for service in ("auth", "users"):
         async def ready(service=service):
             return (await _readyz(stack, service))["status"] == "ready"
-        await wait_until(ready, timeout=20, interval=0.5, what=f"{service} ready again")
+        await eventually(ready, timeout=20, interval=0.5, what=f"{service} ready again")
     assert (await http.post("/v1/auth/token", headers=bearer(key))).status_code == 200
 
 
@@ -152,7 +153,7 @@ async def test_rotating_every_secret_under_load_fails_no_request(http, admin_hea
             timings[kind] = round(time.monotonic() - started, 1)
         # keep the load on a little longer: everything after the rotations must work too
         settle = sum(load.counts.values()) + 100
-        await wait_until(lambda: _at_least(load, settle), timeout=60, what="load after the rotations")
+        await eventually(lambda: _at_least(load, settle), timeout=60, what="load after the rotations")
     finally:
         load.done.set()
         await asyncio.gather(*workers)
@@ -238,12 +239,12 @@ async def test_a_service_renews_its_database_lease_and_moves_on_before_it_ends(h
         async def renewed() -> bool:
             return bool(client.sys.read_lease(lease_id)["data"].get("last_renewal"))
 
-        await wait_until(renewed, timeout=4, interval=0.2, what="the lease renewed")
+        await eventually(renewed, timeout=4, interval=0.2, what="the lease renewed")
 
         async def replaced() -> bool:
             return short not in _leases(stack)["users"]
 
-        await wait_until(replaced, timeout=12, interval=0.2, what="the lease replaced")
+        await eventually(replaced, timeout=12, interval=0.2, what="the lease replaced")
         assert time.time() - issued < 9  # before the role's max TTL ended it
         assert _leases(stack)["users"]  # by a new one
     finally:

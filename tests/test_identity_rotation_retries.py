@@ -11,7 +11,8 @@ import msgspec
 
 from gateway.authn import Verdict, judge
 from common.contracts import AuthChange, KeyPrincipal
-from identity_support import bearer, new_key, new_user, wait_until
+from identity_support import bearer
+from support import eventually, new_key, new_user
 
 
 def gateway_urls(stack) -> list[str]:
@@ -49,7 +50,7 @@ async def test_two_rotations_in_quick_succession_keep_the_first_secret_for_its_p
         return await codes(http, stack, original) == [401, 401, 401]
 
     # and not longer: the second rotation's 600 s are the first's new secret's, not the original's
-    await wait_until(original_refused_everywhere, timeout=promised + 3.0 - time.time(), what="original refused")
+    await eventually(original_refused_everywhere, timeout=promised + 3.0 - time.time(), what="original refused")
     assert await codes(http, stack, first.json()["key"]) == [200, 200, 200]
     assert await codes(http, stack, second.json()["key"]) == [200, 200, 200]
 

@@ -15,9 +15,10 @@ import pytest
 from gateway.authn import SnapshotAuthenticator
 from common.db import with_credentials
 from common.vault import DATABASE_MOUNT, INTERNAL_KEYS_PATH, JWT_TRANSIT_KEY, PEPPER_PATH, database_role
-from identity_support import bearer, current_creds, internal_tokens, redis_client, vault_root, wait_until
+from identity_support import bearer, current_creds, redis_client, vault_root, stack_tokens
 from stack.config import DATABASES
 from stack.local import LocalStack
+from support import eventually
 
 
 def _login(stack: LocalStack, process: str) -> hvac.Client:
@@ -113,7 +114,7 @@ async def test_a_vault_restarted_under_the_stack_is_configured_again_and_service
     gateway, which only has the JWKS auth seals into Redis."""
     key = current_creds(stack).demo_key
     redis = redis_client(stack)
-    fallback = SnapshotAuthenticator(redis, internal_tokens(stack, "gateway-fallback"))  # no auth service to ask
+    fallback = SnapshotAuthenticator(redis, stack_tokens(stack, "gateway-fallback"))  # no auth service to ask
     await fallback.start()
     http = httpx.AsyncClient(base_url=stack.config.base_url, timeout=10)
 
@@ -131,7 +132,7 @@ async def test_a_vault_restarted_under_the_stack_is_configured_again_and_service
                                                                       raise_on_deleted_version=True)
         assert secret["data"]["data"] == current_creds(stack).internal_keys  # the recorded versions, rotations too
 
-        signed_after = await wait_until(new_jwt, timeout=30, what="auth signs with the new Vault's key")
+        signed_after = await eventually(new_jwt, timeout=30, what="auth signs with the new Vault's key")
         for entry in ("/v1/models", "/v1/users/me"):  # both primary gateways
             resp = await http.get(entry, headers=bearer(signed_after))
             assert resp.status_code == 200, resp.text

@@ -17,15 +17,9 @@ from common.limits import (
     KeyRate, LocalRateLimiter, LocalTokenBudget, RequestRateLimiter, SyncedRateLimiter, TokenBudget,
 )
 from edge_support import free_port, valkey_process
+from support import eventually
 
 BOUND = 0.5  # no call may wait on a frozen Redis longer than this (the limiters' timeout is 0.1 s)
-
-
-async def eventually(condition: Callable[[], object], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture(scope="module")

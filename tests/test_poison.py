@@ -22,8 +22,8 @@ from services.chat.outbox import SEGMENT_PREFIX, SEGMENT_SUFFIX, SpoolRecord, Tu
 from services.chat.store import TurnStore
 from stack.local import LocalStack
 
-from ai_support import eventually
 from kafka_support import produce
+from support import eventually
 
 STORED_WITHIN = 5.0  # seconds for the 100 turns behind a poison one (issue 23)
 

@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import time
 
 import httpx
 
 from stack.local import LocalStack
-
-
-def _wait_for(predicate, timeout: float = 30.0, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
+from support import wait_for
 
 
 def test_chat_readyz_names_postgres_while_it_is_down_and_recovers(stack: LocalStack):
@@ -25,11 +14,11 @@ def test_chat_readyz_names_postgres_while_it_is_down_and_recovers(stack: LocalSt
     assert httpx.get(readyz).status_code == 200
     stack.supervisor.stop("postgres")
     try:
-        down = _wait_for(lambda: (r := httpx.get(readyz, timeout=5)).status_code == 503 and r)
+        down = wait_for(lambda: (r := httpx.get(readyz, timeout=5)).status_code == 503 and r)
         assert "postgres" in down.json()["failing"]
     finally:
         stack.supervisor.start("postgres")
-    _wait_for(lambda: httpx.get(readyz, timeout=5).status_code == 200, timeout=60)
+    wait_for(lambda: httpx.get(readyz, timeout=5).status_code == 200, timeout=60)
     # the whole stack is ready again, so later tests see a healthy platform
     stack.wait_ready(("postgres", "chat", "auth", "users", "models"), timeout=60)
 

@@ -14,8 +14,8 @@ from common.errors import ApiError, decode_body
 from common.openai_schema import ChatCompletionRequest
 from common.storable import unstorable_field
 from services.chat.schemas import CreateConversation
+from support import eventually, user_with_key
 
-from ai_support import eventually, new_user
 
 NUL, SURROGATE = "a\u0000b", "a\ud800b"
 BAD = pytest.mark.parametrize("bad", [NUL, SURROGATE], ids=["nul", "lone-surrogate"])
@@ -40,7 +40,7 @@ def stored_turns(stack, user_id: str) -> list[str]:
 
 @BAD
 async def test_a_chat_message_postgres_cannot_store_is_a_400_and_no_turn(http, admin_headers, stack, bad):
-    user_id, key = await new_user(http, admin_headers)
+    user_id, key = await user_with_key(http, admin_headers)
     headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
     conversation = (await http.post("/v1/conversations", json={}, headers=headers)).json()["id"]
 
@@ -68,7 +68,7 @@ async def test_a_chat_message_postgres_cannot_store_is_a_400_and_no_turn(http, a
 
 @BAD
 async def test_a_conversation_field_postgres_cannot_store_is_a_400_not_a_503(http, admin_headers, bad):
-    _, key = await new_user(http, admin_headers)
+    _, key = await user_with_key(http, admin_headers)
     headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
     for param, body in {"title": {"title": bad}, "system_prompt": {"system_prompt": bad},
                         "metadata.topic": {"metadata": {"topic": bad}}, "metadata": {"metadata": {bad: "x"}}}.items():
@@ -80,7 +80,7 @@ async def test_a_conversation_field_postgres_cannot_store_is_a_400_not_a_503(htt
 @BAD
 async def test_identity_and_registry_fields_postgres_cannot_store_are_400s(http, admin_headers, bad):
     headers = {**admin_headers, "content-type": "application/json"}
-    user_id, key = await new_user(http, admin_headers)
+    user_id, key = await user_with_key(http, admin_headers)
     plan = f"plan-{uuid.uuid4().hex[:8]}"
     model = f"unstorable-{uuid.uuid4().hex[:8]}"
     requests = [
