@@ -76,6 +76,20 @@ class _PreciseStream(httpx.AsyncByteStream):
             raise _precise(exc) from exc
 
 
+def _utf8_headers(raw: list[tuple[bytes, bytes]]) -> httpx.Headers:
+    """Header values as aiohttp can send them: it writes header text as UTF-8, and httpx decodes every
+    value with one encoding guessed for all, so one latin-1 value would garble a UTF-8 one beside it.
+    Each value stays the same text: UTF-8 bytes pass as they are, any other bytes are read as latin-1."""
+    def utf8(value: bytes) -> bytes:
+        try:
+            value.decode("utf-8")
+            return value
+        except UnicodeDecodeError:
+            return value.decode("latin-1").encode("utf-8")
+
+    return httpx.Headers([(name, utf8(value)) for name, value in raw], encoding="utf-8")
+
+
 class FastTransport(AiohttpTransport):
     """httpx's API over aiohttp's connection pool and C HTTP parser (httpx-aiohttp).
 
@@ -95,6 +109,8 @@ class FastTransport(AiohttpTransport):
         super().__init__(client=session)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if not all(value.isascii() for _, value in request.headers.raw):
+            request.headers = _utf8_headers(request.headers.raw)
         try:
             response = await super().handle_async_request(request)
         except _TRANSPORT_ERRORS as exc:

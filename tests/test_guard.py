@@ -136,7 +136,8 @@ async def test_a_request_a_hop_cannot_send_is_a_400_and_never_a_breaker_failure(
 
 
 @pytest.mark.parametrize(("path", "code"), [
-    ("/v1/conversations/a b", "conversation_not_found"), ("/v1/conversations/ключ/messages", "conversation_not_found"),
+    ("/v1/conversations/a b", "conversation_not_found"),
+    ("/v1/conversations/ключ/messages", "conversation_not_found"),
     ("/v1/models/x/../m", "model_not_found"), ("/v1/keys/nope/rotate", "key_not_found"),
     ("/v1/users/usr_1?x", "user_not_found"), ("/v1/plans/A", "plan_not_found"),
 ])
