@@ -7,18 +7,14 @@ cannot flood the log (or this process's memory); what is dropped is counted.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 import uuid
-from collections import deque
 
-import msgspec
 from prometheus_client import Counter
 
 from common.contracts import AUDIT_TOPIC, AuditEvent
-from common.events import EventPublisher
+from common.events import EventPublisher, PublishQueue
 from common.logging import request_id_var
 
 log = logging.getLogger(__name__)
@@ -34,9 +30,8 @@ class AuditLog:
     def __init__(self, publisher: EventPublisher, service: str) -> None:
         self.publisher = publisher
         self.service = service
-        self._pending: deque[AuditEvent] = deque()
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._queue = PublishQueue(publisher, AUDIT_TOPIC, lambda event: event.actor, name="audit",
+                                   max_pending=self.MAX_PENDING)
         self._failure_allowance = self.FAILURES_PER_SECOND
         self._failure_clock = time.monotonic()
 
@@ -45,13 +40,10 @@ class AuditLog:
         if outcome == "denied" and not self._allow_failure():
             AUDIT_DROPPED.labels(self.service, action).inc()
             return
-        if len(self._pending) >= self.MAX_PENDING:
+        event = AuditEvent(event_id=uuid.uuid4().hex, action=action, actor=actor, target=target, outcome=outcome,
+                           request_id=request_id_var.get() or "", detail=detail or {}, at=time.time())
+        if not self._queue.put(event):
             AUDIT_DROPPED.labels(self.service, action).inc()
-            return
-        self._pending.append(AuditEvent(event_id=uuid.uuid4().hex, action=action, actor=actor, target=target,
-                                        outcome=outcome, request_id=request_id_var.get() or "",
-                                        detail=detail or {}, at=time.time()))
-        self._wakeup.set()
 
     def _allow_failure(self) -> bool:
         now = time.monotonic()
@@ -63,38 +55,12 @@ class AuditLog:
         self._failure_allowance -= 1
         return True
 
-    async def _publish_forever(self) -> None:
-        delay = 0.2
-        while True:
-            if not self._pending:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            event = self._pending[0]
-            try:
-                await self.publisher.publish(AUDIT_TOPIC, event.actor, event)
-            except asyncio.CancelledError:
-                raise
-            except (msgspec.EncodeError, UnicodeEncodeError, TypeError) as exc:  # never sendable: never retried
-                log.error("audit event cannot be encoded; dropped", extra={"action": event.action, "error": repr(exc)})
-                AUDIT_DROPPED.labels(self.service, event.action).inc()
-                self._pending.popleft()
-                continue
-            except Exception as exc:  # Kafka away: keep the event, try again
-                log.warning("audit publish failed, retrying", extra={"error": repr(exc)})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            self._pending.popleft()
-            delay = 0.2
+    @property
+    def pending(self) -> int:
+        return self._queue.pending
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._publish_forever())
+        await self._queue.start()
 
     async def stop(self, drain_seconds: float = 5.0) -> None:
-        deadline = time.monotonic() + drain_seconds
-        while self._pending and time.monotonic() < deadline and self.publisher.connected:
-            await asyncio.sleep(0.05)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._queue.stop(drain_seconds)

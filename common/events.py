@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 
 import asyncpg
 import msgspec
@@ -119,6 +122,74 @@ class EventPublisher:
             await self._producer.stop()
 
 
+class PublishQueue:
+    """Events a request produced, published in order by a background task, never blocking the request.
+
+    Bounded in memory (`put` is False when full: the caller counts what it drops). While Kafka is away
+    the head waits and is retried with backoff; an event that can never be encoded is dropped, never
+    retried. `stop` drains what it can within `drain_seconds` while the broker answers.
+    """
+
+    def __init__(self, publisher: EventPublisher, topic: str, key_of: Callable[[msgspec.Struct], str], *,
+                 name: str, max_pending: int = 10_000) -> None:
+        self.publisher = publisher
+        self.topic = topic
+        self._key_of = key_of
+        self._name = name
+        self._max_pending = max_pending
+        self._pending: deque[msgspec.Struct] = deque()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def put(self, event: msgspec.Struct) -> bool:
+        if len(self._pending) >= self._max_pending:
+            return False
+        self._pending.append(event)
+        self._wakeup.set()
+        return True
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._publish_forever(), name=self._name)
+
+    async def stop(self, drain_seconds: float = 5.0) -> None:
+        deadline = time.monotonic() + drain_seconds
+        while self._pending and time.monotonic() < deadline and self.publisher.connected:
+            await asyncio.sleep(0.05)
+        if self._pending:
+            log.error("events not published at stop", extra={"queue": self._name, "events": len(self._pending)})
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _publish_forever(self) -> None:
+        delay = 0.2
+        while True:
+            if not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            event = self._pending[0]
+            try:
+                await self.publisher.publish(self.topic, self._key_of(event), event)
+            except asyncio.CancelledError:
+                raise
+            except (msgspec.EncodeError, UnicodeEncodeError, TypeError) as exc:  # never sendable: never retried
+                log.error("event cannot be encoded; dropped", extra={"queue": self._name, "error": repr(exc)})
+                self._pending.popleft()
+                continue
+            except Exception as exc:  # Kafka away: keep the event, try again
+                log.warning("publish failed, retrying", extra={"queue": self._name, "error": repr(exc)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            self._pending.popleft()
+            delay = 0.2
+
+
 MessageHandler = Callable[[ConsumerRecord], Awaitable[None]]
 
 
@@ -164,6 +235,27 @@ async def consume_forever(
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(consumer.stop(), COMMIT_TIMEOUT)
+
+
+def run_consumer(stack: AsyncExitStack, bootstrap: str, topic: str, group_id: str, handler: MessageHandler,
+                 publisher: EventPublisher) -> None:
+    """consume_forever for as long as `stack` is open: started now, cancelled when it closes."""
+    task = asyncio.create_task(consume_forever(bootstrap, topic, group_id, handler, publisher), name=group_id)
+
+    async def cancel() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    stack.push_async_callback(cancel)
+
+
+def decode_event(decoder: msgspec.json.Decoder, record: ConsumerRecord):
+    """The record's event, or PoisonMessage naming why it can never be one."""
+    try:
+        return decoder.decode(record.value or b"")
+    except msgspec.MsgspecError as exc:
+        raise PoisonMessage(str(exc)) from None
 
 
 async def _rewind_where_the_log_went_back(consumer: AIOKafkaConsumer, topic: str,

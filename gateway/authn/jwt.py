@@ -15,11 +15,13 @@ import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from redis.asyncio import Redis
 
+from litestar import Request
+
 from common.audit import AuditLog
 from common.contracts import AUTH_JWKS, AuthChange, PlanLimits
 from common.errors import ApiError, unauthorized
 from common.metrics import AUTH_FAILURES
-from common.security import JWT_ALGORITHM, InternalTokens, Principal
+from common.security import JWT_ALGORITHM, InternalTokens, Principal, bearer_token
 from gateway.authn.identity import REDIS_TIMEOUT, Identity, jwt_rejected
 
 log = logging.getLogger(__name__)
@@ -142,6 +144,14 @@ class Refused(ApiError):
         error = unauthorized().body.error
         super().__init__(401, error.message, type=error.type, code=error.code)
         self.reason = reason
+
+
+def bearer_or_refuse(request: Request, service: str) -> str:
+    """The request's bearer credential; a 401 (audited as `missing`) without one."""
+    token = bearer_token(request)
+    if not token:
+        raise refused("missing", service)
+    return token
 
 
 def refused(reason: str, service: str = "") -> ApiError:

@@ -21,10 +21,10 @@ from common.audit import AuditLog
 from common.contracts import AUTH_SNAPSHOT, AuthChange, IntrospectRequest, KeyPrincipal, SnapshotEntry
 from common.errors import ApiError, unauthorized, unavailable
 from common.metrics import AUTH_LOOKUPS
-from common.security import InternalTokens, bearer_token, looks_like_jwt, parse_api_key, service_principal
+from common.security import InternalTokens, looks_like_jwt, parse_api_key, service_principal
 from gateway.authn.changes import AuthChangeFeed, fetch_auth_changes
 from gateway.authn.identity import REDIS_TIMEOUT, Identity, Verdict, identity_of, judge
-from gateway.authn.jwt import JwtVerifier, read_sealed_jwks, refused, verify_audited
+from gateway.authn.jwt import JwtVerifier, bearer_or_refuse, read_sealed_jwks, refused, verify_audited
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +102,7 @@ class KeyAuthenticator:
         return self.feed is not None and self.feed.subscribed
 
     async def authenticate(self, request: Request) -> Identity:
-        token = bearer_token(request)
-        if not token:
-            raise refused("missing", self.service)
-        return await self.authenticate_token(token)
+        return await self.authenticate_token(bearer_or_refuse(request, self.service))
 
     async def authenticate_token(self, token: str) -> Identity:
         if looks_like_jwt(token):

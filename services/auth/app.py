@@ -3,7 +3,6 @@ introspection and the auth-change feed for gateways, the audit log."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import secrets
@@ -17,7 +16,7 @@ from common.app import create_service_app
 from common.audit import AuditLog
 from common.contracts import AUDIT_TOPIC
 from common.db import ping
-from common.events import EventPublisher, consume_forever
+from common.events import EventPublisher, run_consumer
 from common.http import upstream_client
 from common.lifespan import service_basics
 from common.redis_client import redis_client
@@ -63,12 +62,6 @@ async def bootstrap_admin_key(deps: AuthDeps, key: str) -> None:
         pepper_version=deps.peppers.current, scopes=["admin", "user"])
 
 
-async def _cancel(task: asyncio.Task) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-
-
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or Settings.from_env(service="auth")
 
@@ -101,9 +94,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 await part.start()
                 stack.push_async_callback(part.stop)
             # the audit log's writer: one long-lived consumer group
-            writer = asyncio.create_task(consume_forever(
-                settings.kafka_bootstrap, AUDIT_TOPIC, AUDIT_GROUP, audit_writer(audit_store), publisher))
-            stack.push_async_callback(_cancel, writer)
+            run_consumer(stack, settings.kafka_bootstrap, AUDIT_TOPIC, AUDIT_GROUP,
+                         audit_writer(audit_store), publisher)
             app.state.deps = deps
             yield
 

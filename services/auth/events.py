@@ -6,7 +6,7 @@ import msgspec
 from aiokafka import ConsumerRecord
 
 from common.contracts import AuditEvent
-from common.events import PoisonMessage
+from common.events import decode_event
 from services.auth.store import AuditStore
 
 AUDIT_GROUP = "auth-audit-writer"
@@ -15,10 +15,7 @@ _decoder = msgspec.json.Decoder(AuditEvent)
 
 def audit_writer(store: AuditStore):
     async def handle(record: ConsumerRecord) -> None:
-        try:
-            event = _decoder.decode(record.value or b"")
-        except msgspec.MsgspecError as exc:
-            raise PoisonMessage(str(exc)) from None
+        event = decode_event(_decoder, record)
         # a value Postgres will never take (a NUL in text) is poison, an outage a retry (consume_forever)
         await store.insert(event)
 

@@ -3,7 +3,6 @@ durable outbox to Kafka, and a writer consumer persists them."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from litestar import Litestar
 from common.app import create_service_app
 from common.contracts import TURNS_TOPIC
 from common.db import ping
-from common.events import EventPublisher, consume_forever
+from common.events import EventPublisher, run_consumer
 from common.http import upstream_client
 from common.lifespan import service_basics
 from common.redis_client import redis_client
@@ -32,12 +31,6 @@ from services.chat.store import ConversationStore, TurnStore
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 WRITER_GROUP = "chat-turn-writer"
-
-
-async def _cancel(task: asyncio.Task) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 @dataclass
@@ -74,9 +67,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                                 store.settled, service=settings.service, max_pending=settings.outbox_max_pending)
             await outbox.start()
             # the writer consumer persists turns from Kafka; one long-lived consumer group
-            writer = asyncio.create_task(consume_forever(
-                settings.kafka_bootstrap, TURNS_TOPIC, WRITER_GROUP, turn_writer(store), publisher))
-            stack.push_async_callback(_cancel, writer)
+            run_consumer(stack, settings.kafka_bootstrap, TURNS_TOPIC, WRITER_GROUP, turn_writer(store), publisher)
             stack.push_async_callback(outbox.stop)  # runs first: send what was answered while we can
             conversation_store = ConversationStore(basics.pool)
             app.state.deps = ChatDeps(

@@ -16,7 +16,7 @@ import msgspec
 from aiokafka import ConsumerRecord
 
 from common.contracts import TurnEvent
-from common.events import PoisonMessage, refusal_reason, refused_permanently
+from common.events import PoisonMessage, decode_event, refusal_reason, refused_permanently
 from services.chat.store import TurnStore
 
 log = logging.getLogger(__name__)
@@ -26,10 +26,7 @@ _turn_decoder = msgspec.json.Decoder(TurnEvent)
 
 def turn_writer(store: TurnStore):
     async def handle(record: ConsumerRecord) -> None:
-        try:
-            turn = _turn_decoder.decode(record.value or b"")
-        except msgspec.MsgspecError as exc:
-            raise PoisonMessage(str(exc)) from None
+        turn = decode_event(_turn_decoder, record)
         if not turn.turn_id or not turn.conversation_id or not turn.user_id:
             raise PoisonMessage("a turn needs turn_id, conversation_id and user_id")
         try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from common.app import create_service_app
 from common.audit import AuditLog
 from common.contracts import USAGE_TOPIC
 from common.db import ping
-from common.events import EventPublisher, consume_forever
+from common.events import EventPublisher, run_consumer
 from common.http import upstream_client
 from common.lifespan import service_basics
 from common.security import InternalTokens
@@ -38,12 +37,6 @@ class UsersDeps:
     audit: AuditLog
 
 
-async def _cancel(task: asyncio.Task) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-
-
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or Settings.from_env(service="users")
 
@@ -60,9 +53,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             stack.push_async_callback(audit.stop)
             ledger = LedgerStore(basics.pool)
             # the usage ledger: one long-lived consumer group; poison goes to usage.events.v1.dlq
-            writer = asyncio.create_task(consume_forever(
-                settings.kafka_bootstrap, USAGE_TOPIC, LEDGER_GROUP, ledger_writer(ledger), publisher))
-            stack.push_async_callback(_cancel, writer)
+            run_consumer(stack, settings.kafka_bootstrap, USAGE_TOPIC, LEDGER_GROUP, ledger_writer(ledger), publisher)
             app.state.deps = UsersDeps(vault=basics.vault, tokens=basics.tokens, store=UserStore(basics.pool),
                                        ledger=ledger, auth=AuthClient(auth_http, basics.tokens), audit=audit)
             yield

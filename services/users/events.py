@@ -14,7 +14,7 @@ import msgspec
 from aiokafka import ConsumerRecord
 
 from common.contracts import UsageEvent
-from common.events import PoisonMessage
+from common.events import PoisonMessage, decode_event
 from services.users.store import LedgerStore
 
 log = logging.getLogger(__name__)
@@ -34,10 +34,7 @@ def _check(event: UsageEvent) -> None:
 
 def ledger_writer(store: LedgerStore):
     async def handle(record: ConsumerRecord) -> None:
-        try:
-            event = _decoder.decode(record.value or b"")
-        except msgspec.MsgspecError as exc:
-            raise PoisonMessage(str(exc)) from None
+        event = decode_event(_decoder, record)
         _check(event)
         await store.record(event)  # a content refusal is poison, an outage a retry (consume_forever)
 
