@@ -28,15 +28,14 @@ import httpx
 import msgspec
 
 from common.app import freeze_long_lived_objects
-from gateway.authn import Identity
-from common.contracts import ModelRecord, url_id, valid_id
+from common.contracts import DEGRADED_HEADER, REQUEST_HASH_HEADER, ModelRecord, url_id, valid_id
 from common.engines.base import GenerationRequest
 from common.engines.render import completion, sse_chunks
-from common.contracts import DEGRADED_HEADER, REQUEST_HASH_HEADER
 from common.openai_schema import ChatCompletionRequest, EngineSpec, InferenceRequest, StreamOptions
-from gateway.proxy import Hop, UpstreamUnavailable
 from common.security import InternalTokens, service_principal
+from gateway.authn import Identity
 from gateway.cache import CacheEntry, ResponseCache
+from gateway.proxy import Hop, UpstreamUnavailable
 
 if TYPE_CHECKING:
     from common.engines.cpu import CpuEngine

@@ -26,7 +26,6 @@ import msgspec
 from litestar import Request, Response
 from litestar.response import Stream
 
-from gateway.authn import Identity
 from common.contracts import DEGRADED_HEADER, TurnEvent, invalid_id, turn_id_for, valid_id
 from common.errors import ApiError, decode_body
 from common.http import finish
@@ -36,13 +35,14 @@ from common.limits import KeyRate, Reservation, TokenBudget, rate_headers, retry
 from common.logging import request_id_var
 from common.metrics import CACHE_HITS, CACHE_MISSES, FALLBACKS, RATE_LIMITED, stage_done
 from common.openai_schema import ChatCompletionRequest, Usage, request_hash
-from gateway.proxy import Hop, UpstreamUnavailable, response_headers
 from common.sse import SSE_HEADERS, StreamTap, error_event
-from gateway.cache import CacheEntry, ResponseCache, cache_key
 from fallback.chain import ChainRequest, FallbackChain, FromCache, ModelFallback, upstream_body
 from fallback.degraded import degraded_response
-from gateway.forward import admit, read_body, refused
 from fallback.turns import TurnLog
+from gateway.authn import Identity
+from gateway.cache import CacheEntry, ResponseCache, cache_key
+from gateway.forward import admit, read_body, refused
+from gateway.proxy import Hop, UpstreamUnavailable, response_headers
 
 log = logging.getLogger(__name__)
 

@@ -11,18 +11,16 @@ import httpx
 from litestar import Request, Response
 from litestar.response import Stream
 
-from gateway.authn import Identity
-from common.contracts import check_path_ids
-from common.http import forward_headers
+from common.contracts import DEGRADED_HEADER, UPSTREAM_HEADER, check_path_ids
 from common.errors import ApiError
+from common.http import forward_headers, upstream_path
 from common.limits import KeyRate, RateDecision, RequestRateLimiter, rate_headers, retry_after
 from common.metrics import FALLBACKS, RATE_LIMITED
-from gateway.proxy import Hop, UpstreamUnavailable, may_retry, relay_response, response_headers
-from common.http import upstream_path
 from common.security import INTERNAL_TOKEN_HEADER, InternalTokens
-from gateway.cache import LastKnown
-from common.contracts import DEGRADED_HEADER, UPSTREAM_HEADER
 from fallback.degraded import degraded_response
+from gateway.authn import Identity
+from gateway.cache import LastKnown
+from gateway.proxy import Hop, UpstreamUnavailable, may_retry, relay_response, response_headers
 
 log = logging.getLogger(__name__)
 

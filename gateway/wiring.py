@@ -12,14 +12,13 @@ from common.breaker import AsyncBreaker
 from common.http import upstream_client
 from common.idempotency import AnswerBook
 from common.metrics import FALLBACKS
-from gateway.proxy import Hop, RetryBudget
 from common.security import InternalTokens
 from common.settings import Settings
-from gateway.cache import ResponseCache
 from fallback.chain import CachedAnswer, FallbackChain, LocalModel, ModelFallback, SimplifiedModel
-from gateway.chatpath import ChatPath
 from fallback.turns import TurnLog
-
+from gateway.cache import ResponseCache
+from gateway.chatpath import ChatPath
+from gateway.proxy import Hop, RetryBudget
 
 # The limits' wait on Redis before the in-process share decides. Wider than the kit's default: the
 # wait includes the event loop's own queue, and a burst on a busy loop must not read as Redis being

@@ -14,9 +14,9 @@ from litestar.response import Stream
 
 from common.contracts import route_of
 from common.errors import ApiError, not_found
-from gateway.proxy import request_body_too_large
 from fallback import degraded_response
 from gateway.forward import admit, forward_to, key_rate
+from gateway.proxy import request_body_too_large
 
 READS = {"/v1/users/me": "users", "/v1/usage": "users", "/v1/models": "models"}
 CHAT_COMPLETIONS = "/v1/chat/completions"

@@ -8,13 +8,13 @@ from litestar import HttpMethod, Request, Response, get, route
 from litestar.datastructures import State
 from litestar.response import Stream
 
-from gateway.authn import Identity
 from common.contracts import route_of
 from common.errors import ApiError, not_found
 from common.metrics import stage_done
-from gateway.proxy import request_body_too_large
 from common.security import service_principal
+from gateway.authn import Identity
 from gateway.forward import admit, forward_to, key_rate
+from gateway.proxy import request_body_too_large
 
 # answered without credentials: public key material
 PUBLIC_PATHS = frozenset({"/.well-known/jwks.json"})

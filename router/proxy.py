@@ -26,11 +26,10 @@ from litestar.types import Receive, Scope, Send
 from common.breaker import BreakerOpen
 from common.contracts import DEGRADED_HEADER, ROUTE_HEADER, UPSTREAM_HEADER, route_of
 from common.errors import ApiError, not_found
-from common.http import HOP_HEADERS
+from common.http import HOP_HEADERS, UNSENDABLE, unsendable
 from common.limits import rate_headers, retry_after
 from common.logging import request_id_var, trace_id_var
 from common.metrics import FAILOVERS, FALLBACKS, RATE_LIMITED
-from common.http import UNSENDABLE, unsendable
 from common.sse import error_event
 from router.pools import GatewayPool, Member, MemberDown
 

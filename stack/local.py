@@ -17,12 +17,12 @@ import psycopg
 import psycopg.sql
 import redis
 
+from common.db import with_credentials
+from stack import vault_bootstrap
 from stack.config import DATABASES, EDGE, GATEWAYS, INFRA, SERVICES, StackConfig
 from stack.credentials import Credentials, load_or_create, save
-from common.db import with_credentials
 from stack.servers import DYNAMIC_ROLE_PREFIX, VAULT_DB_ROLE, owner_role, prepare_postgres, programs
 from stack.supervisor import VAULT_LISTENER, Supervisor, render_config
-from stack import vault_bootstrap
 
 
 class StackError(RuntimeError):

@@ -166,9 +166,9 @@ def _leases(client, service: str) -> set[str]:
 
 
 def rotate_db(client, services: list[str]) -> bool:
-    from common.vault import KV_MOUNT, ROTATION_PATH
-
     import hvac
+
+    from common.vault import KV_MOUNT, ROTATION_PATH
 
     before = {service: _leases(client, service) for service in services}
     try:

@@ -20,7 +20,6 @@ from common.settings import REPO_ROOT
 from stack.config import StackConfig
 from stack.servers import Program
 
-
 # an event listener, not a program: re-applies the Vault bootstrap whenever supervisord restarts the
 # in-memory dev-mode Vault (stack/vault_watch.py); `dualgate up` starts it after its own bootstrap
 VAULT_LISTENER = "vault-bootstrap"

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import TypeVar
 
 import httpx
+from support import internal_tokens
 
 from common.security import Principal
 from stack.credentials import Credentials
-from support import internal_tokens
 
 T = TypeVar("T")
 

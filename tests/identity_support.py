@@ -10,12 +10,11 @@ from typing import TypeVar
 import hvac
 import msgspec
 import redis.asyncio
+from support import internal_tokens
 
 from common.security import InternalTokens
-
 from stack.credentials import Credentials
 from stack.local import LocalStack
-from support import internal_tokens
 
 T = TypeVar("T")
 

@@ -14,9 +14,11 @@ import asyncpg
 import httpx
 import psycopg
 import pytest
-from redis.asyncio import Redis
-
 from ai_support import register_model
+from identity_support import current_creds
+from redis.asyncio import Redis
+from support import eventually, internal_tokens, user_with_key
+
 from common.contracts import TurnEvent, UsageEvent
 from common.events import EventPublisher
 from common.openai_schema import Usage
@@ -26,8 +28,6 @@ from services.chat.outbox import TurnOutbox
 from services.chat.schemas import HistoryTurn
 from services.chat.store import ConversationStore, TurnStore
 from stack.servers import free_port
-from support import eventually, internal_tokens, user_with_key
-from identity_support import current_creds
 
 CPU_MODEL = "smollm2-135m-instruct"
 SUFFIX = uuid.uuid4().hex[:6]

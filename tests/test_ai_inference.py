@@ -11,8 +11,10 @@ from collections import Counter
 
 import httpx
 import pytest
+from ai_support import acting_as, register_model
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
+from support import eventually
 
 from services.inference.testing.fake_sglang_worker import FakeSglangWorker
 from stack.bench.client import SYNTHETIC, TOKEN_STAMP, StreamedAnswer
@@ -20,9 +22,6 @@ from stack.bench.layers import layers
 from stack.bench.overhead import stage_totals
 from stack.config import GATEWAYS, SERVICES
 from stack.servers import free_port
-
-from ai_support import acting_as, register_model
-from support import eventually
 
 CPU_MODEL = "smollm2-135m-instruct"
 SUFFIX = uuid.uuid4().hex[:6]

@@ -13,7 +13,6 @@ import pytest
 from openai import OpenAI
 from support import eventually, user_with_key
 
-
 CPU_MODEL = "smollm2-135m-instruct"
 
 

@@ -9,12 +9,12 @@ from collections import Counter
 
 import httpx
 import pytest
+from support import eventually
 
 from common.engines.base import EngineRejected, EngineUnavailable, Finished, GenerationRequest
 from services.inference.engines.sglang import WorkerOptions, WorkerPool, WorkerStreamError, route_key
 from services.inference.engines.synthetic import SyntheticEngine
 from services.inference.testing.fake_sglang_worker import FakeSglangWorker
-from support import eventually
 
 
 @pytest.fixture(scope="module")

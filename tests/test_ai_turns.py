@@ -16,15 +16,14 @@ import httpx
 import msgspec
 import psycopg
 import pytest
+from ai_support import acting_as, register_model
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from kafka_support import produce
+from support import eventually
 
 from common.contracts import TURNS_TOPIC, TurnEvent
 from common.openai_schema import Usage
 from stack.local import LocalStack
-
-from ai_support import acting_as, register_model
-from kafka_support import produce
-from support import eventually
 
 READY_AFTER_RESTORE = ("postgres", "kafka", "auth", "users", "models", "inference", "chat", "gateway-ai",
                        "gateway-identity", "router", "nginx")

@@ -16,9 +16,10 @@ import subprocess
 
 import pytest
 import yaml
-
-from monitoring_support import (DASHBOARD_FILE, MONITORING, PROMETHEUS_RULE_FILE, RULES_FILE, RULES_TEST_FILE, RUNBOOKS,
-                                alert_rules, check_promql, emitted_metrics, load_rules, render_prometheus_rule)
+from monitoring_support import (
+    DASHBOARD_FILE, MONITORING, PROMETHEUS_RULE_FILE, RULES_FILE, RULES_TEST_FILE, RUNBOOKS, alert_rules,
+    check_promql, emitted_metrics, load_rules, render_prometheus_rule,
+)
 
 SEVERITIES = {"critical", "warning"}
 RUNBOOK_SECTIONS = ("## What it means", "## Confirm", "## Act", "## Escalate")

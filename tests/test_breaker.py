@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+from edge_support import free_port, valkey_process
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
+from support import eventually
 
 from common.breaker import AsyncBreaker, BreakerOpen, is_upstream_failure
-from edge_support import free_port, valkey_process
-from support import eventually
 
 
 @dataclass

@@ -13,11 +13,9 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-
-from common.engines.cpu import (
-    CpuEngine, EngineBusy, EngineStopped, Finished, GenerationRequest, TokenDelta,
-)
 from support import eventually
+
+from common.engines.cpu import CpuEngine, EngineBusy, EngineStopped, Finished, GenerationRequest, TokenDelta
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -15,8 +15,9 @@ import httpx
 import pytest
 
 from common.settings import REPO_ROOT
-from stack.drill import SCENARIOS, make_tenants, run_drill
 from stack.credentials import load_or_create
+from stack.drill import SCENARIOS, make_tenants, run_drill
+
 
 @pytest.fixture(scope="module")
 def tenants(stack):

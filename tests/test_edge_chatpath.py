@@ -18,29 +18,29 @@ import msgspec
 import openai
 import pytest
 from aiokafka.errors import KafkaConnectionError
+from edge_support import sse_body, valkey_server
 from litestar import Litestar, Request, post
 from litestar.datastructures import State
 from redis.asyncio import Redis
+from support import eventually
 
 from common.app import ObservabilityMiddleware
-from gateway.authn import Identity
 from common.breaker import AsyncBreaker
 from common.contracts import PlanLimits, TurnEvent, turn_id_for
 from common.errors import EXCEPTION_HANDLERS
 from common.idempotency import AnswerBook
 from common.limits import RequestRateLimiter, TokenBudget
 from common.openai_schema import ChatCompletionRequest, Usage, request_hash
-from gateway.proxy import Hop, RetryBudget, UpstreamUnavailable
 from common.security import InternalTokens, Principal
 from common.sse import StreamTap
-from edge_support import sse_body, valkey_server
-from gateway.cache import CacheEntry, ResponseCache
 from fallback.chain import CachedAnswer, ChainRequest, FallbackChain, LocalModel, SimplifiedModel
+from fallback.turns import TurnLog
+from gateway.authn import Identity
+from gateway.cache import CacheEntry, ResponseCache
 from gateway.chatpath import ChatPath
 from gateway.forward import key_rate
-from fallback.turns import TurnLog
+from gateway.proxy import Hop, RetryBudget, UpstreamUnavailable
 from services.chat.claims import IdempotencyClaims
-from support import eventually
 
 MODEL = "synthetic"
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from support import eventually
 
 from common.settings import REPO_ROOT
 from stack.config import StackConfig
 from stack.local import LocalStack
 from stack.servers import free_port, render_nginx
-from support import eventually
 
 HEX_ID = re.compile(r"^[0-9a-f]{32}$")
 ERROR_FIELDS = {"message", "type", "param", "code"}

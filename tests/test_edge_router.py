@@ -15,13 +15,13 @@ import httpx
 import msgspec
 import pytest
 import uvicorn
+from edge_support import valkey_server
 from redis.asyncio import Redis
 
 from common.app import create_service_app
 from common.breaker import AsyncBreaker
 from common.limits import SyncedRateLimiter
 from common.settings import Settings
-from edge_support import valkey_server
 from router.app import RouterDeps
 from router.pools import GatewayConnections, GatewayPool
 from router.routes import route_handlers

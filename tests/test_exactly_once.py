@@ -10,11 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import psycopg
 from prometheus_client.parser import text_string_to_metric_families
+from support import wait_for
 
 from stack.config import REPLICA_OF
 from stack.drill import admin_dsn
 from stack.local import LocalStack
-from support import wait_for
 
 AI_GATEWAYS = ("gateway-ai", *[name for name, of in REPLICA_OF.items() if of == "gateway-ai"])
 SLOW_MODEL = "once-slow"  # the synthetic engine, slow to its first token: a request stays in flight

@@ -14,8 +14,8 @@ from common.errors import ApiError, decode_body
 from common.guard import check_headers, check_path, check_query
 from common.http import forward_headers
 from common.openai_schema import ChatCompletionRequest
-from gateway.proxy import Hop
 from common.settings import Settings
+from gateway.proxy import Hop
 
 
 @pytest.mark.parametrize("path", [b"/v1/conversations/a%01b", b"/v1/plans/a%16b", b"/v1/models/a%00", b"/v1/x%7f",

@@ -7,9 +7,9 @@ import re
 
 import httpx
 import pytest
+from support import user_with_key
 
 from stack.local import LocalStack
-from support import user_with_key
 
 CHAT = "/v1/chat/completions"
 GOOD = {"model": "synthetic", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}

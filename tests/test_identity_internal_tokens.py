@@ -8,11 +8,11 @@ import time
 import httpx
 import jwt
 import pytest
+from identity_support import current_creds
+from support import internal_tokens
 
 from common.security import INTERNAL_TOKEN_HEADER, Principal, service_principal
 from stack.local import LocalStack
-from support import internal_tokens
-from identity_support import current_creds
 
 ADMIN = Principal(subject="usr_admin", scopes=("admin", "user"), key_id="0123456789abcdef")
 # one route per service; a valid token gets past authentication (any answer but 401)

@@ -12,11 +12,11 @@ import uuid
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from identity_support import bearer, vault_root
+from support import eventually, new_key, new_user
 
 from common.vault import JWT_TRANSIT_KEY
-from identity_support import bearer, vault_root
 from stack.local import LocalStack
-from support import eventually, new_key, new_user
 
 PROTECTED = ("/v1/users/me", "/v1/models")  # one route per gateway
 

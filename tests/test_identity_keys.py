@@ -12,12 +12,12 @@ import uuid
 
 import httpx
 import pytest
-
-from common.settings import REPO_ROOT
-from common.security import service_principal
 from identity_support import bearer, current_creds
-from stack.local import LocalStack
 from support import eventually, internal_tokens, new_key, new_user
+
+from common.security import service_principal
+from common.settings import REPO_ROOT
+from stack.local import LocalStack
 
 UNAUTHORIZED = {"error": {"message": "Invalid or missing credentials.", "type": "authentication_error",
                           "param": None, "code": "invalid_api_key"}}

@@ -10,12 +10,12 @@ import uuid
 import msgspec
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-
-from common.contracts import USAGE_TOPIC, UsageEvent
 from identity_support import bearer
 from kafka_support import produce
-from stack.local import LocalStack
 from support import eventually, new_key, new_user
+
+from common.contracts import USAGE_TOPIC, UsageEvent
+from stack.local import LocalStack
 
 DLQ = f"{USAGE_TOPIC}.dlq"
 

@@ -12,13 +12,13 @@ import time
 import httpx
 import msgspec
 import pytest
+from identity_support import bearer, paused, redis_client, stack_tokens
+from support import eventually, new_key, new_user
 
-from gateway.authn import KeyAuthenticator, SnapshotAuthenticator, seal_entry, unseal_entry
 from common.contracts import AUTH_SNAPSHOT
 from common.errors import ApiError
-from identity_support import bearer, paused, redis_client, stack_tokens
+from gateway.authn import KeyAuthenticator, SnapshotAuthenticator, seal_entry, unseal_entry
 from stack.local import LocalStack
-from support import eventually, new_key, new_user
 
 DEADLINE = 1.0
 

@@ -14,15 +14,15 @@ import time
 import httpx
 import hvac.exceptions
 import jwt
+from identity_support import bearer, current_creds, paused, vault_root
+from support import eventually, new_key, new_user
 
 from common.settings import REPO_ROOT
 from common.vault import DATABASE_MOUNT, KV_MOUNT, PEPPER_PATH, database_role, unix_time
-from identity_support import bearer, current_creds, paused, vault_root
 from stack.config import DATABASES
 from stack.local import LocalStack
 from stack.secrets import pepper_versions_in_use
 from stack.vault_bootstrap import write_database_role
-from support import eventually, new_key, new_user
 
 
 def _cli(stack: LocalStack, *args: str) -> subprocess.CompletedProcess:

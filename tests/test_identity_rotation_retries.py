@@ -8,11 +8,11 @@ import time
 import uuid
 
 import msgspec
-
-from gateway.authn import Verdict, judge
-from common.contracts import AuthChange, KeyPrincipal
 from identity_support import bearer
 from support import eventually, new_key, new_user
+
+from common.contracts import AuthChange, KeyPrincipal
+from gateway.authn import Verdict, judge
 
 
 def gateway_urls(stack) -> list[str]:

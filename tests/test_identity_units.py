@@ -17,10 +17,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from common.audit import AuditLog
-from gateway.authn import AuthChangeFeed, JwtVerifier, Verdict, unverified_claims, judge
 from common.contracts import AUTH_EPOCH_FIELD, AuthChange, KeyPrincipal, PlanLimits, SnapshotEntry
 from common.errors import ApiError
 from common.security import InternalTokens
+from gateway.authn import AuthChangeFeed, JwtVerifier, Verdict, judge, unverified_claims
 
 NOW = 1_800_000_000.0
 ALICE = KeyPrincipal(user_id="usr_alice", key_id="00000000000000aa", scopes=["user"])

@@ -11,14 +11,14 @@ import hvac
 import hvac.exceptions
 import psycopg
 import pytest
+from identity_support import bearer, current_creds, redis_client, stack_tokens, vault_root
+from support import eventually
 
-from gateway.authn import SnapshotAuthenticator
 from common.db import with_credentials
 from common.vault import DATABASE_MOUNT, INTERNAL_KEYS_PATH, JWT_TRANSIT_KEY, PEPPER_PATH, database_role
-from identity_support import bearer, current_creds, redis_client, vault_root, stack_tokens
+from gateway.authn import SnapshotAuthenticator
 from stack.config import DATABASES
 from stack.local import LocalStack
-from support import eventually
 
 
 def _login(stack: LocalStack, process: str) -> hvac.Client:

@@ -32,9 +32,9 @@ import kubernetes_validate
 import msgspec
 import pytest
 import yaml
+from monitoring_support import check_promql, emitted_metrics, load_rules
 
 from common.settings import ENV_PREFIX, REPO_ROOT, Settings
-from monitoring_support import check_promql, emitted_metrics, load_rules
 from stack.config import BASE_PORTS, DATABASES
 from stack.credentials import VAULT_CLIENTS
 from stack.servers import APP_FACTORIES

@@ -11,13 +11,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 
 import pytest
+from edge_support import free_port, valkey_process
 from redis.asyncio import Redis
+from support import eventually
 
 from common.limits import (
     KeyRate, LocalRateLimiter, LocalTokenBudget, RequestRateLimiter, SyncedRateLimiter, TokenBudget,
 )
-from edge_support import free_port, valkey_process
-from support import eventually
 
 BOUND = 0.5  # no call may wait on a frozen Redis longer than this (the limiters' timeout is 0.1 s)
 

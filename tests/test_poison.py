@@ -14,6 +14,8 @@ import asyncpg
 import msgspec
 import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from kafka_support import produce
+from support import eventually
 
 from common.contracts import TURNS_TOPIC, TurnEvent, UsageEvent
 from common.events import DLQ_REASON_HEADER, EventPublisher
@@ -21,9 +23,6 @@ from common.openai_schema import Usage
 from services.chat.outbox import SEGMENT_PREFIX, SEGMENT_SUFFIX, SpoolRecord, TurnOutbox
 from services.chat.store import TurnStore
 from stack.local import LocalStack
-
-from kafka_support import produce
-from support import eventually
 
 STORED_WITHIN = 5.0  # seconds for the 100 turns behind a poison one (issue 23)
 

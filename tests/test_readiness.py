@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-
 import httpx
+from support import wait_for
 
 from stack.local import LocalStack
-from support import wait_for
 
 
 def test_chat_readyz_names_postgres_while_it_is_down_and_recovers(stack: LocalStack):

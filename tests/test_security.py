@@ -8,9 +8,7 @@ import jwt
 import pytest
 
 from common.errors import ApiError
-from common.security import (
-    InternalTokens, Principal, generate_api_key, hash_secret, parse_api_key, secret_matches,
-)
+from common.security import InternalTokens, Principal, generate_api_key, hash_secret, parse_api_key, secret_matches
 
 KEYS = {"v1": b"k" * 32, "v2": b"q" * 32}
 ALICE = Principal(subject="usr_alice", scopes=("user",), key_id="0123456789abcdef")

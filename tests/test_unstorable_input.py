@@ -9,13 +9,12 @@ import uuid
 
 import psycopg
 import pytest
+from support import eventually, user_with_key
 
 from common.errors import ApiError, decode_body
 from common.openai_schema import ChatCompletionRequest
 from common.storable import unstorable_field
 from services.chat.schemas import CreateConversation
-from support import eventually, user_with_key
-
 
 NUL, SURROGATE = "a\u0000b", "a\ud800b"
 BAD = pytest.mark.parametrize("bad", [NUL, SURROGATE], ids=["nul", "lone-surrogate"])

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common.metrics import ENGINE_BATCH_SIZE, ENGINE_CANCELLED
 from common.engines.base import EngineBusy, Finished, GenerationRequest, TokenDelta
 from common.engines.checkpoint import default_gguf_path, ensure_checkpoint, use_skinny_linears
+from common.metrics import ENGINE_BATCH_SIZE, ENGINE_CANCELLED
 
 __all__ = ["CpuEngine", "EngineBusy", "EngineStopped", "Finished", "GenerationRequest", "TokenDelta",
            "default_gguf_path"]

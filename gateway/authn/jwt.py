@@ -13,9 +13,8 @@ from collections.abc import Awaitable, Callable, Mapping
 import jwt
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from redis.asyncio import Redis
-
 from litestar import Request
+from redis.asyncio import Redis
 
 from common.audit import AuditLog
 from common.contracts import AUTH_JWKS, AuthChange, PlanLimits

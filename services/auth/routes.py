@@ -15,9 +15,7 @@ from common.contracts import REPLAY_HEADER, AuthChange, IntrospectRequest, KeyPr
 from common.errors import ApiError, decode_body, not_found, unauthorized, unavailable
 from common.idempotency import idempotency_key
 from common.openapi import documented
-from common.security import (
-    Principal, api_key, generate_api_key, hash_secret, new_secret, parse_api_key, secret_matches,
-)
+from common.security import Principal, api_key, generate_api_key, hash_secret, new_secret, parse_api_key, secret_matches
 from common.vault import VaultUnavailable
 from services.auth.rotations import rotation_request_hash, seal_answer, unseal_answer
 from services.auth.schemas import (

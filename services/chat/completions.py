@@ -36,8 +36,8 @@ from common.idempotency import idempotency_key, replay, reused_key
 from common.logging import request_id_var
 from common.metrics import FALLBACKS, stage_done
 from common.openai_schema import (
-    ChatCompletion, ChatCompletionRequest, ChatMessage, Choice,
-    InferenceRequest, ResponseMessage, StreamOptions, Usage, completion_id, now, request_hash,
+    ChatCompletion, ChatCompletionRequest, ChatMessage, Choice, InferenceRequest, ResponseMessage, StreamOptions,
+    Usage, completion_id, now, request_hash,
 )
 from common.security import Principal
 from common.sse import DONE, SSE_HEADERS, error_frame, iter_data

@@ -8,9 +8,9 @@ import os
 import httpx
 
 from common.security import InternalTokens
+from stack.bench.client import STAMPED, STAMPED_PARAMS
 from stack.config import StackConfig
 from stack.credentials import load_or_create
-from stack.bench.client import STAMPED, STAMPED_PARAMS
 
 
 def admin_client(config: StackConfig) -> httpx.Client:

@@ -14,11 +14,10 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from stack.config import StackConfig
-from stack.report import percentiles, write
 from stack.bench.accounts import bench_keys
 from stack.bench.client import RawConnection, process_cpu, raw_request
-
+from stack.config import StackConfig
+from stack.report import percentiles, write
 
 CACHE_BODY = {"model": "synthetic", "temperature": 0, "max_tokens": 16,
               "messages": [{"role": "user", "content": "a cached benchmark answer"}]}

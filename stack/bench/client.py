@@ -14,7 +14,6 @@ import httptools
 from stack.config import StackConfig
 from stack.report import percentiles
 
-
 SYNTHETIC = {"ttft_ms": 20, "itl_ms": 5, "tokens": 32}
 STAMPED = "bench-synthetic-stamped"  # the synthetic engine, each token its emission time (CLOCK_MONOTONIC ns)
 STAMPED_PARAMS = {**SYNTHETIC, "stamp": 1}

@@ -12,11 +12,12 @@ from rich.progress import Progress
 from rich.table import Table
 
 from common.security import Principal, service_principal
+from stack.bench.accounts import bench_user, internal_tokens, register_stamped_model
+from stack.bench.client import (
+    STAMPED, STAMPED_PARAMS, SYNTHETIC, RawConnection, Samples, ms_text, one_request, raw_request,
+)
 from stack.config import StackConfig
 from stack.report import percentiles, write
-from stack.bench.accounts import bench_user, internal_tokens, register_stamped_model
-from stack.bench.client import RawConnection, STAMPED, STAMPED_PARAMS, SYNTHETIC, Samples, ms_text, one_request, raw_request
-
 
 LAYERS = ("inference", "chat", "gateway-ai", "router", "nginx")  # each one hop further from the engine
 

@@ -15,10 +15,13 @@ from rich.progress import Progress
 from rich.table import Table
 
 from common.security import service_principal
+from stack.bench.accounts import bench_keys, internal_tokens, register_stamped_model
+from stack.bench.client import (
+    BLOCKS, STAMPED, STAMPED_PARAMS, STREAM_SECONDS, SYNTHETIC, Samples, process_cpu, raw_request, run_block,
+    summarize,
+)
 from stack.config import StackConfig
 from stack.report import write
-from stack.bench.accounts import bench_keys, internal_tokens, register_stamped_model
-from stack.bench.client import BLOCKS, STAMPED, STAMPED_PARAMS, STREAM_SECONDS, SYNTHETIC, Samples, process_cpu, raw_request, run_block, summarize
 
 
 async def overhead(config: StackConfig, requests: int, levels: list[int], console: Console,

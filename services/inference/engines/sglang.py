@@ -28,11 +28,9 @@ import httpx
 import msgspec
 
 from common.breaker import AsyncBreaker, BreakerOpen
+from common.engines.base import EngineRejected, EngineUnavailable, Finished, GenerationRequest, TokenDelta
 from common.http import finish
 from common.metrics import ENGINE_WORKER_OUTSTANDING, ENGINE_WORKER_REQUESTS, ENGINE_WORKER_UP
-from common.engines.base import (
-    EngineRejected, EngineUnavailable, Finished, GenerationRequest, TokenDelta,
-)
 
 log = logging.getLogger(__name__)
 
