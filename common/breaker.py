@@ -204,7 +204,7 @@ class AsyncBreaker:
     def _admit(self) -> Attempt:
         state = self._cb.state.name
         if state == STATE_OPEN:
-            wait = self._reopens_in()
+            wait = self.reopens_in()
             if wait > 0:
                 raise BreakerOpen(self.upstream, wait)
             self._cb.half_open()
@@ -224,7 +224,8 @@ class AsyncBreaker:
         with contextlib.suppress(_UpstreamFailed, pybreaker.CircuitBreakerError):
             self._cb.call(_replay, attempt.failed)
 
-    def _reopens_in(self) -> float:
+    def reopens_in(self) -> float:
+        """Seconds until an open breaker lets a trial call through (0 when it would now, or is not open)."""
         opened_at = self._storage.opened_at
         if opened_at is None:
             return 0.0

@@ -90,8 +90,12 @@ class RetryBudget:
     ratio: float = 0.1
     per_second: float = 2.0
     cap: float = 20.0
-    _balance: float = field(default=5.0, init=False)
+    initial: float = 5.0  # retries held at the start
+    _balance: float = field(init=False)
     _at: float = field(default_factory=time.monotonic, init=False)
+
+    def __post_init__(self) -> None:
+        self._balance = self.initial
 
     def deposit(self) -> None:
         self._refill()

@@ -36,7 +36,7 @@ from common.sse import StreamTap
 from fallback.chain import CachedAnswer, ChainRequest, FallbackChain, LocalModel, SimplifiedModel
 from fallback.turns import TurnLog
 from gateway.authn import Identity
-from gateway.cache import CacheEntry, ResponseCache
+from gateway.cache import CacheEntry, ResponseCache, cache_key
 from gateway.chatpath import ChatPath
 from gateway.forward import key_rate
 from gateway.proxy import Hop, RetryBudget, UpstreamUnavailable
@@ -65,9 +65,12 @@ class ScriptedModel:
         self.calls = 0
         self.bodies: list[dict] = []
         self.script: list[object] = []  # a status code, an exception, or "cut" (cut after two events)
+        self.hang = None  # an async handler that takes every call instead (a service that hangs)
         self.client = httpx.AsyncClient(transport=httpx.MockTransport(self._handle), base_url=f"http://{name}")
 
     async def _handle(self, request: httpx.Request) -> httpx.Response:
+        if self.hang is not None:
+            return await self.hang(request)
         self.calls += 1
         body = json.loads(request.content)
         self.bodies.append(body)
@@ -223,10 +226,10 @@ async def test_the_chain_prefers_this_tenants_cached_answer_and_ends_in_a_flagge
     http = gateway.http()
     original = await http.post("/v1/chat/completions", json=ask("cache me", temperature=0))
     assert original.headers["x-cache"] == "miss"
-    key = next(iter(gateway.cache._local._items))
-    stale = gateway.cache._local.get(key)
+    key = cache_key("alice", msgspec.convert(ask("cache me", temperature=0), ChatCompletionRequest))
+    stale = gateway.cache.get_local(key)
     # older than its fresh life, still inside its stale life: only the chain may use it
-    gateway.cache._local.put(key, msgspec.structs.replace(stale, stored_at=stale.stored_at - 120), 1)
+    gateway.cache.put(key, msgspec.structs.replace(stale, stored_at=stale.stored_at - 120))
     gateway.chat.script.append(503)
     cached = await http.post("/v1/chat/completions", json=ask("cache me", temperature=0))
     assert cached.status_code == 200 and cached.headers["x-dualgate-degraded"] == "cache"
@@ -395,7 +398,8 @@ async def test_a_streamed_cache_hit_replays_the_same_chunks_usage_and_finish_rea
     assert gateway.chat.calls == 1
     assert b'"finish_reason":"stop"' in second.content and b'"usage":{' in second.content
     # the stored entry keeps the event groups as they were relayed, replayed one by one
-    entry: CacheEntry = next(iter(gateway.cache._local._items.values()))[0]
+    entry: CacheEntry = gateway.cache.get_local(
+        cache_key("alice", msgspec.convert({**body, "stream": True}, ChatCompletionRequest)))
     assert entry.stream and len(entry.parts) == len(events(first.content))
 
 
@@ -497,7 +501,7 @@ async def test_half_open_recovery_closes_the_breaker_when_chat_answers_again(gat
     for _ in range(3):
         await gateway.http().post("/v1/chat/completions", json=ask("x", temperature=0.5))
     assert gateway.breaker.state == "open"
-    await asyncio.sleep(0.35)  # the breaker's reset timeout: what a client honouring Retry-After waits
+    await eventually(lambda: gateway.breaker.reopens_in() <= 0, what="the breaker's reset timeout")
     response = await gateway.http().post("/v1/chat/completions", json=ask("x", temperature=0.5))
     assert response.status_code == 200 and "x-dualgate-degraded" not in response.headers
     assert gateway.breaker.state == "closed"
@@ -511,7 +515,7 @@ async def test_a_hung_chat_service_costs_one_first_byte_timeout_then_the_chain_a
         raise AssertionError("unreachable")
 
     await seen_before(gateway)
-    gateway.chat.client._transport = httpx.MockTransport(hang)
+    gateway.chat.hang = hang  # from now on every call to the chat service hangs
     started = asyncio.get_running_loop().time()
     response = await gateway.http().post("/v1/chat/completions", json=ask("x", temperature=0.5))
     assert response.headers["x-dualgate-degraded"] == "simplified"
@@ -555,8 +559,7 @@ async def test_an_unkeyed_post_is_not_retried_after_it_may_have_reached_the_upst
 
 
 async def test_retries_stop_when_the_retry_budget_is_spent():
-    budget = RetryBudget(ratio=0.0, per_second=0.0)
-    budget._balance = 1.0
+    budget = RetryBudget(ratio=0.0, per_second=0.0, initial=1.0)
     hop, seen = scripted_hop(*[503] * 10, attempts=5, budget=budget)
     with pytest.raises(UpstreamUnavailable):
         await hop.open("GET", "/x", retry_ok=True)
