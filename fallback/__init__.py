@@ -1,4 +1,4 @@
-"""The fallback chain the gateways share (DESIGN §4) and its last layer, the degraded answer.
+"""The fallback chain the gateways share (docs/DESIGN.md §4) and its last layer, the degraded answer.
 
 model fallback -> cached response (per tenant) -> simplified model -> degraded 503 with Retry-After.
 Every fallback answer is flagged `x-dualgate-degraded: <layer>` and counted in

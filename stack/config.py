@@ -8,7 +8,7 @@ from pathlib import Path
 
 from common.settings import REPO_ROOT
 
-# component -> port with no offset (DESIGN §1)
+# component -> port with no offset (docs/DESIGN.md §1)
 BASE_PORTS: dict[str, int] = {
     "nginx": 8080,
     "router": 8100,

@@ -1,6 +1,6 @@
 """How each component runs under the supervisor: command line, environment, user, stop signal.
 
-The real servers come from pip packages (DESIGN §2); the services are uvicorn processes.
+The real servers come from pip packages (docs/DESIGN.md §2); the services are uvicorn processes.
 """
 
 from __future__ import annotations

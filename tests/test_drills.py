@@ -1,4 +1,4 @@
-"""Every failure-matrix row (DESIGN §5) as a short drill: steady mixed load, the fault at t1, removed at t2.
+"""Every failure-matrix row (docs/DESIGN.md §5) as a short drill: steady mixed load, the fault at t1, removed at t2.
 
 Each asserts what users must see: every answer either served or honestly flagged, no turn lost, no
 revoked key passing after 1 s, no answer crossing tenants; and the stack is whole again afterwards.

@@ -219,7 +219,7 @@ async def test_with_the_auth_service_down_known_keys_keep_working_and_revoked_on
 
 async def test_with_auth_unreachable_a_gateway_keeps_a_key_it_checked_even_when_redis_lost_its_entry(
         http, admin_headers, stack):
-    """The shared snapshot is one copy; the gateway's own memory is the other (DESIGN §4)."""
+    """The shared snapshot is one copy; the gateway's own memory is the other (docs/DESIGN.md §4)."""
     user_id = await new_user(http, admin_headers)
     key, key_id = await new_key(http, admin_headers, user_id)
     redis = redis_client(stack)

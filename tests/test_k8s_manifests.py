@@ -47,7 +47,7 @@ OVERLAYS = sorted(p.parent.name for p in (K8S / "overlays").glob("*/kustomizatio
 Doc = dict
 Docs = list[dict]
 
-# --- what the platform needs of the network: the request path, hop by hop (DESIGN §1, §3) -------------
+# --- what the platform needs of the network: the request path, hop by hop (docs/DESIGN.md §1, §3) -------------
 
 EDGE = "nginx"
 SGLANG = "sglang"
@@ -74,7 +74,7 @@ DATA_CLIENTS: dict[str, set[str]] = {
     "kafka": {"gateway-identity", "gateway-ai", "gateway-fallback", "auth", "users", "chat"},
 }
 HPA_QUEUE_METRICS = {"chat": {"dualgate_kafka_lag"}, "inference": {"dualgate_engine_queue_depth"}}
-# DESIGN §8 and the panels the dashboard must have: every metric the code emits today (a new metric gets a
+# docs/DESIGN.md §8 and the panels the dashboard must have: every metric the code emits today (a new metric gets a
 # panel and a name here). A query of a metric the code does not emit, or of a label it lacks, is a problem
 # (tests/monitoring_support.py reads both from the code).
 DASHBOARD_METRICS = {

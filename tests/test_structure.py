@@ -1,4 +1,4 @@
-"""The import rule (DESIGN §1): deployables talk over HTTP or Kafka, never by importing each other;
+"""The import rule (docs/DESIGN.md §1): deployables talk over HTTP or Kafka, never by importing each other;
 the kits sit below them (`common/` below everything, `gateway/` and `fallback/` below the gateways)."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Model resolution through the models service, cached briefly; the last known answer is kept
-for when the models service is down (DESIGN §5: models down -> last known registry)."""
+for when the models service is down (docs/DESIGN.md §5: models down -> last known registry)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from stack.config import REPLICA_OF
 
 DEGRADED = "x-dualgate-degraded"
 ROUTE = "x-dualgate-route"
-REVOCATION_GRACE = 1.0  # a revoked key may pass this long (DESIGN §4), never longer
+REVOCATION_GRACE = 1.0  # a revoked key may pass this long (docs/DESIGN.md §4), never longer
 MODEL = "synthetic"
 
 
