@@ -98,6 +98,18 @@ class IdempotencyClaims:
         if held is not None:
             self._in_background(self.redis.eval(_RELEASE, 1, redis_key(user_id, key), held[1]))
 
+    async def release_now(self, user_id: str, key: str) -> None:
+        """`release`, awaited: the request ended in an error answer, and the caller (a gateway whose fallback
+        layer asks for the key next) must find the key free when that answer reaches it."""
+        held = self._local.pop((user_id, key), None)
+        if held is None:
+            return
+        try:
+            async with asyncio.timeout(REDIS_TIMEOUT):
+                await self.redis.eval(_RELEASE, 1, redis_key(user_id, key), held[1])
+        except REDIS_ERRORS as exc:  # the claim expires by itself
+            log.debug("idempotency claim not released", extra={"error": f"{type(exc).__name__}: {exc}"})
+
     def _in_background(self, call) -> None:
         async def bounded() -> None:
             try:

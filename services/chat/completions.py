@@ -117,8 +117,13 @@ async def chat_completion(request: Request, deps) -> Response | Stream:
             return Stream(_relay(upstream, draft, deps, include_usage, slot, opened),
                           media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
         return await _aggregate(upstream, draft, deps, headers)
+    except Exception:
+        if slot and not handed_over:  # an error answer: the key is free before the answer leaves
+            handed_over = True
+            await deps.claims.release_now(*slot)
+        raise
     finally:
-        if slot and not handed_over:
+        if slot and not handed_over:  # cancelled (the client left): never waits here
             deps.claims.release(*slot)
 
 
