@@ -31,7 +31,7 @@ from common.errors import ApiError, decode_body
 from common.http import finish
 from common.idempotency import AnswerBook, AnswerText, answer_text, idempotency_key, reused_key
 from common.idempotency import replay as replay_answer
-from common.limits import KeyRate, Reservation, TokenBudget, rate_headers, retry_after
+from common.limits import BudgetDecision, KeyRate, Reservation, TokenBudget, rate_headers, retry_after
 from common.logging import request_id_var
 from common.metrics import CACHE_HITS, CACHE_MISSES, FALLBACKS, RATE_LIMITED, stage_done
 from common.openai_schema import ChatCompletionRequest, Usage, request_hash
@@ -156,10 +156,7 @@ class ChatPath:
         decision = admission.tokens or await self.budget.reserve(tenant, cost, limit)
         headers.update(rate_headers(tokens=decision))
         if not decision.allowed:
-            RATE_LIMITED.labels(self.service, "tokens").inc()
-            raise ApiError(429, "Today's token budget cannot hold this request; lower max_tokens or retry after "
-                           "the reset.", type="tokens", code="rate_limit_exceeded",
-                           headers={**headers, "Retry-After": retry_after(decision.retry_after)})
+            raise _over_token_budget(self.service, decision, headers)
         reservation = decision.reservation
         stage_done(self.service, "limits", started)  # requests/min, the cache lookup and the token reservation
         passed = {name: request.headers[name] for name in _PASS_HEADERS if name in request.headers}
@@ -344,3 +341,10 @@ def replay(entry: CacheEntry, headers: dict[str, str]) -> Response | Stream:
     if entry.stream:
         return Stream(list(entry.parts), status_code=200, media_type=SSE, headers={**SSE_HEADERS, **headers})
     return Response(entry.parts[0], status_code=200, media_type=JSON, headers=headers)
+
+
+def _over_token_budget(service: str, decision: BudgetDecision, headers: dict[str, str]) -> ApiError:
+    RATE_LIMITED.labels(service, "tokens").inc()
+    return ApiError(429, "Today's token budget cannot hold this request; lower max_tokens or retry after the reset.",
+                    type="tokens", code="rate_limit_exceeded",
+                    headers={**headers, "Retry-After": retry_after(decision.retry_after)})

@@ -79,19 +79,23 @@ async def overhead(config: StackConfig, requests: int, levels: list[int], consol
                     total = stages.setdefault(name, [0.0, 0.0])
                     total[0] += seconds - was[0]
                     total[1] += count - was[1]
-            d, c = summarize(direct), summarize(chain)
-            added = {kind: {q: round(c[kind][q] - d[kind][q], 2) if None not in (c[kind][q], d[kind][q]) else None
-                            for q in d[kind]}
-                     for kind in ("total_ms", "ttft_ms", "token_ms")}
-            count = max(1, len(chain.total_ms))
-            results["levels"][str(level)] = {
-                "direct": d, "chain": c, "added": added,
-                # where the chain's CPU goes (ms per chain request, this load generator included)
-                "chain_cpu_ms_per_request": {k: round(v * 1000 / count, 3) for k, v in sorted(cpu.items())
-                                             if v * 1000 / count >= 0.01},
-                # where the first token waits: mean ms per hop and stage (dualgate_stage_seconds)
-                "chain_stage_ms": {name: round(seconds * 1000 / n, 3) for name, (seconds, n) in stages.items() if n}}
+            results["levels"][str(level)] = _level_result(direct, chain, cpu, stages)
     return results
+
+
+def _level_result(direct: Samples, chain: Samples, cpu: dict[str, float], stages: dict[str, list[float]]) -> dict:
+    d, c = summarize(direct), summarize(chain)
+    added = {kind: {q: round(c[kind][q] - d[kind][q], 2) if None not in (c[kind][q], d[kind][q]) else None
+                    for q in d[kind]}
+             for kind in ("total_ms", "ttft_ms", "token_ms")}
+    count = max(1, len(chain.total_ms))
+    return {
+        "direct": d, "chain": c, "added": added,
+        # where the chain's CPU goes (ms per chain request, this load generator included)
+        "chain_cpu_ms_per_request": {k: round(v * 1000 / count, 3) for k, v in sorted(cpu.items())
+                                     if v * 1000 / count >= 0.01},
+        # where the first token waits: mean ms per hop and stage (dualgate_stage_seconds)
+        "chain_stage_ms": {name: round(seconds * 1000 / n, 3) for name, (seconds, n) in stages.items() if n}}
 
 
 async def stage_totals(config: StackConfig) -> dict[str, tuple[float, float]]:
