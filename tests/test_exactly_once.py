@@ -58,7 +58,7 @@ def _primary_again(stack: LocalStack, headers: dict[str, str]) -> None:
         clean = clean + 1 if ok else 0
         return clean >= 3
 
-    wait_for(answered_cleanly, 60, "a clean primary path")
+    wait_for(answered_cleanly, 60, what="a clean primary path")
 
 
 def _content(response: httpx.Response) -> str:
@@ -91,7 +91,7 @@ def test_a_request_failed_over_while_its_first_gateway_still_runs_it_is_stored_o
                                  "messages": [{"role": "user", "content": "stored once, whoever answers"}]})
         try:
             # the AI gateway has passed it on and the chat service is generating: now the gateway hangs
-            wait_for(lambda: _chat_prepared(stack) > prepared, 30, "the chat service has the request")
+            wait_for(lambda: _chat_prepared(stack) > prepared, 30, what="the chat service has the request")
             for name in AI_GATEWAYS:
                 stack.supervisor.signal(name, "STOP")
             response = sent.result(timeout=90)
@@ -102,8 +102,8 @@ def test_a_request_failed_over_while_its_first_gateway_still_runs_it_is_stored_o
     assert response.headers["x-dualgate-route"] == "fallback"  # the router failed it over: asked twice
     stack.wait_ready((*AI_GATEWAYS, "router"), timeout=60)
     # both attempts reached the chat service, and whatever each spooled has reached the database
-    wait_for(lambda: _chat_prepared(stack) >= prepared + 2, 30, "both attempts at the chat service")
-    wait_for(lambda: _spool_empty(stack), 60, "the spool drained")
+    wait_for(lambda: _chat_prepared(stack) >= prepared + 2, 30, what="both attempts at the chat service")
+    wait_for(lambda: _spool_empty(stack), 60, what="the spool drained")
     stored = _turns_of_request(stack, request_id)
     assert len(stored) == 1, stored
     assert stored[0][1] == response.json()["choices"][0]["message"]["content"]
@@ -158,7 +158,7 @@ def test_a_degraded_answer_in_a_conversation_appears_in_its_history_flagged(stac
             listed = http.get(f"/v1/conversations/{conversation}/messages", headers=demo_headers)
             return listed.json()["data"] if listed.status_code == 200 else []
 
-        messages = wait_for(lambda: len(history()) == 2 and history(), 30, "the degraded turn in the history")
+        messages = wait_for(lambda: len(history()) == 2 and history(), 30, what="the degraded turn in the history")
     assert [m["role"] for m in messages] == ["user", "assistant"]
     assert messages[1]["content"] == _content(answered)
     assert messages[1]["degraded"] == "simplified" and not messages[0].get("degraded")
