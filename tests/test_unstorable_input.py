@@ -94,7 +94,7 @@ async def test_identity_and_registry_fields_postgres_cannot_store_are_400s(http,
     for method, path, body, param in requests:
         assert_400_naming(await http.request(method, path, content=encoded(body), headers=headers), param)
     # nothing of it was stored
-    assert (await http.get(f"/v1/users/{user_id}", headers=admin_headers)).json()["name"].startswith("u-")
+    assert (await http.get(f"/v1/users/{user_id}", headers=admin_headers)).json()["name"].startswith("user-")
     assert [k["name"] for k in (await http.get(f"/v1/keys?user_id={user_id}", headers=admin_headers)).json()["data"]] \
         == ["test"]
     assert (await http.get(f"/v1/plans/{plan}", headers=admin_headers)).status_code == 404
