@@ -67,7 +67,9 @@ async def make_tenants(http: httpx.AsyncClient, creds: Credentials, users: int =
     tenants = []
     run = uuid.uuid4().hex[:6]
     for i in range(users):
-        user = await expect(await http.post("/v1/users", json={"name": f"drill-{run}-{i}"},
+        # drills measure faults, not quotas: a conversation's context grows every turn, and a long drill's
+        # conversation load would spend a default plan's daily tokens within minutes
+        user = await expect(await http.post("/v1/users", json={"name": f"drill-{run}-{i}", "plan": "unlimited"},
                                             headers=admin_headers(creds)), 201, "create a drill user")
         keys, key_ids = [], []
         for k in range(keys_each):
