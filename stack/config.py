@@ -12,6 +12,7 @@ from common.settings import REPO_ROOT
 BASE_PORTS: dict[str, int] = {
     "nginx": 8080,
     "router": 8100,
+    "router-2": 8110,  # a second router replica: nginx sends a refused connection to the other one
     "gateway-identity": 8201,
     "gateway-ai": 8202,
     "gateway-ai-2": 8212,  # a second AI gateway replica: limits must hold across replicas
@@ -28,11 +29,11 @@ BASE_PORTS: dict[str, int] = {
 }
 INFRA = ("postgres", "redis", "kafka", "vault")
 SERVICES = ("auth", "users", "models", "inference", "chat")
-GATEWAYS = ("gateway-identity", "gateway-ai", "gateway-ai-2", "gateway-fallback", "router")
+GATEWAYS = ("gateway-identity", "gateway-ai", "gateway-ai-2", "gateway-fallback", "router", "router-2")
 EDGE = ("nginx",)
 DATABASES = {"auth": "auth", "users": "users", "chat": "chat", "models": "models"}
 # extra replicas of a deployment: same code, role and settings as the one named, their own port
-REPLICA_OF = {"gateway-ai-2": "gateway-ai"}
+REPLICA_OF = {"gateway-ai-2": "gateway-ai", "router-2": "router"}
 
 
 @dataclass

@@ -145,8 +145,12 @@ def prepare_postgres(config: StackConfig, password: str) -> None:
         os.chown(hba, *owner)
 
 
+def _router_ports(config: StackConfig) -> list[int]:
+    return [config.port(n) for n in ("router", *(n for n, of in REPLICA_OF.items() if of == "router"))]
+
+
 def render_nginx(config: StackConfig, router_ports: Sequence[int] = ()) -> Path:
-    """The edge's nginx.conf for this stack, in front of its router (or of `router_ports`, in that order)."""
+    """The edge's nginx.conf for this stack, in front of its routers (or of `router_ports`, in that order)."""
     nginx_home = config.home / "nginx"
     tmp_dir = nginx_home / "tmp"
     tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -155,7 +159,7 @@ def render_nginx(config: StackConfig, router_ports: Sequence[int] = ()) -> Path:
     rendered = template.safe_substitute(
         run_dir=config.run_dir, tmp_dir=tmp_dir, listen=f"127.0.0.1:{config.port('nginx')}",
         router_servers="\n        ".join(f"server 127.0.0.1:{port} max_fails=0;"
-                                          for port in router_ports or [config.port("router")]),
+                                          for port in router_ports or _router_ports(config)),
         max_body=str(config.max_body_bytes * 2),  # the router answers 413 itself, as JSON
     )
     path = nginx_home / "nginx.conf"
@@ -193,7 +197,8 @@ def _service_env(config: StackConfig, creds: Credentials, name: str) -> dict[str
         env["DUALGATE_DATABASE_URL"] = config.database_url(DATABASES[name])
     if name.startswith("gateway-") and name != "gateway-fallback":
         env["DUALGATE_DOMAIN"] = name.removeprefix("gateway-")
-    if name in ("gateway-ai", *REPLICA_OF, "gateway-fallback"):
+    ai_gateways = ("gateway-ai", *(n for n, of in REPLICA_OF.items() if of == "gateway-ai"))
+    if name in (*ai_gateways, "gateway-fallback"):
         # the chain's simplified model in process: answers go on with the inference service down
         env["DUALGATE_SIMPLIFIED_IN_PROCESS"] = os.environ.get("DUALGATE_SIMPLIFIED_IN_PROCESS", "true")
     if name == "auth":
@@ -201,14 +206,16 @@ def _service_env(config: StackConfig, creds: Credentials, name: str) -> dict[str
     if name == "chat":  # the durable turn spool (outbox) lives with the stack's data
         env["DUALGATE_SPOOL_DIR"] = str(config.home / "spool")
     # the AI gateway pool: two replicas sharing one role, limits exact across both
-    env["DUALGATE_GATEWAY_AI_URLS"] = ",".join(config.url(n) for n in ("gateway-ai", *REPLICA_OF))
-    if name in ("gateway-ai", *REPLICA_OF):
-        env["DUALGATE_GATEWAY_REPLICAS"] = "2"
-    if name in REPLICA_OF:
+    env["DUALGATE_GATEWAY_AI_URLS"] = ",".join(config.url(n) for n in ai_gateways)
+    if name in ai_gateways:
+        env["DUALGATE_GATEWAY_REPLICAS"] = str(len(ai_gateways))
+    if name in REPLICA_OF:  # the deployable it replicates: its role, and its Vault identity
         replica_of = REPLICA_OF[name]
-        env["DUALGATE_DOMAIN"] = replica_of.removeprefix("gateway-")
-        env["DUALGATE_VAULT_ROLE_ID"] = creds.approles[replica_of].role_id
-        env["DUALGATE_VAULT_SECRET_ID"] = creds.approles[replica_of].secret_id
+        if replica_of.startswith("gateway-"):
+            env["DUALGATE_DOMAIN"] = replica_of.removeprefix("gateway-")
+        if replica_of in creds.approles:
+            env["DUALGATE_VAULT_ROLE_ID"] = creds.approles[replica_of].role_id
+            env["DUALGATE_VAULT_SECRET_ID"] = creds.approles[replica_of].secret_id
     return env
 
 

@@ -113,8 +113,15 @@ async def test_the_request_id_is_the_clients_when_plain_else_the_edges(stack: Lo
 
 
 async def test_a_stopped_router_is_a_flagged_retryable_json_answer(stack: LocalStack, http, demo_headers):
-    await asyncio.to_thread(stack.supervisor.stop, "router")
+    routers = ("router", "router-2")
     try:
+        await asyncio.to_thread(stack.supervisor.stop, "router")
+        # one replica away: nginx sends the refused connection to the other (any method: nothing was sent)
+        for _ in range(4):  # both places in nginx's round robin
+            assert (await http.post("/v1/chat/completions", headers=demo_headers, json={
+                "model": "synthetic", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+            ).status_code == 200
+        await asyncio.to_thread(stack.supervisor.stop, "router-2")
         answers = [await http.get("/v1/models", headers=demo_headers),
                    await http.post("/v1/chat/completions", headers=demo_headers,
                                    json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})]
@@ -126,7 +133,8 @@ async def test_a_stopped_router_is_a_flagged_retryable_json_answer(stack: LocalS
             assert set(error) == ERROR_FIELDS and error["code"] == "router_unavailable"
             assert error["type"] == "service_unavailable" and answer.headers["x-request-id"] in error["message"]
     finally:
-        await asyncio.to_thread(stack.supervisor.start, "router")
+        for router in routers:
+            await asyncio.to_thread(stack.supervisor.start, router)
 
     async def served() -> bool:
         try:

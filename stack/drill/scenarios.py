@@ -77,7 +77,7 @@ class Timing:
 # Tansu keeps messages in memory, and a restart under connected clients refuses produces for a while
 # (tests/conftest.py), which real Kafka does not. Vault (dev mode, in memory) and nginx (the edge the
 # load measures from) are never touched.
-KILLABLE = ("router", "gateway-ai", "gateway-ai-2", "gateway-identity", "gateway-fallback",
+KILLABLE = ("router", "router-2", "gateway-ai", "gateway-ai-2", "gateway-identity", "gateway-fallback",
             "auth", "users", "chat", "models", "inference", "redis")
 RESTARTABLE = (*KILLABLE, "postgres")
 PAUSABLE = (*RESTARTABLE, "kafka")
