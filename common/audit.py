@@ -23,15 +23,13 @@ AUDIT_DROPPED = Counter("dualgate_audit_dropped_total", "Audit events dropped (q
                         ["service", "action"])
 
 
-class AuditLog:
+class AuditLog(PublishQueue):
     MAX_PENDING = 10_000
     FAILURES_PER_SECOND = 20.0  # auth.failed events kept per second; the rest are counted only
 
     def __init__(self, publisher: EventPublisher, service: str) -> None:
-        self.publisher = publisher
+        super().__init__(publisher, AUDIT_TOPIC, lambda event: event.actor, name="audit", max_pending=self.MAX_PENDING)
         self.service = service
-        self._queue = PublishQueue(publisher, AUDIT_TOPIC, lambda event: event.actor, name="audit",
-                                   max_pending=self.MAX_PENDING)
         self._failure_allowance = self.FAILURES_PER_SECOND
         self._failure_clock = time.monotonic()
 
@@ -42,7 +40,7 @@ class AuditLog:
             return
         event = AuditEvent(event_id=uuid.uuid4().hex, action=action, actor=actor, target=target, outcome=outcome,
                            request_id=request_id_var.get() or "", detail=detail or {}, at=time.time())
-        if not self._queue.put(event):
+        if not self.put(event):
             AUDIT_DROPPED.labels(self.service, action).inc()
 
     def _allow_failure(self) -> bool:
@@ -54,13 +52,3 @@ class AuditLog:
             return False
         self._failure_allowance -= 1
         return True
-
-    @property
-    def pending(self) -> int:
-        return self._queue.pending
-
-    async def start(self) -> None:
-        await self._queue.start()
-
-    async def stop(self, drain_seconds: float = 5.0) -> None:
-        await self._queue.stop(drain_seconds)

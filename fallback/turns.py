@@ -19,25 +19,14 @@ from common.events import EventPublisher, PublishQueue
 log = logging.getLogger(__name__)
 
 
-class TurnLog:
+class TurnLog(PublishQueue):
     MAX_PENDING = 10_000
 
     def __init__(self, publisher: EventPublisher, service: str) -> None:
-        self.publisher = publisher
+        super().__init__(publisher, TURNS_TOPIC, lambda turn: turn.conversation_id, name="degraded-turns",
+                         max_pending=self.MAX_PENDING)
         self.service = service
-        self._queue = PublishQueue(publisher, TURNS_TOPIC, lambda turn: turn.conversation_id, name="degraded-turns",
-                                   max_pending=self.MAX_PENDING)
 
     def record(self, turn: TurnEvent) -> None:
-        if not self._queue.put(turn):
+        if not self.put(turn):
             log.error("degraded turn dropped: too many wait for the broker", extra={"turn_id": turn.turn_id})
-
-    @property
-    def pending(self) -> int:
-        return self._queue.pending
-
-    async def start(self) -> None:
-        await self._queue.start()
-
-    async def stop(self, drain_seconds: float = 5.0) -> None:
-        await self._queue.stop(drain_seconds)
