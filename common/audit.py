@@ -43,6 +43,9 @@ class AuditLog(PublishQueue):
         if not self.put(event):
             AUDIT_DROPPED.labels(self.service, action).inc()
 
+    def dropped(self, event: AuditEvent) -> None:
+        AUDIT_DROPPED.labels(self.service, event.action).inc()
+
     def _allow_failure(self) -> bool:
         now = time.monotonic()
         self._failure_allowance = min(self.FAILURES_PER_SECOND,

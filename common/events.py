@@ -152,6 +152,9 @@ class PublishQueue:
     def pending(self) -> int:
         return len(self._pending)
 
+    def dropped(self, event: msgspec.Struct) -> None:
+        """An event that could never be sent was dropped (a subclass counts it)."""
+
     async def start(self) -> None:
         self._task = asyncio.create_task(self._publish_forever(), name=self._name)
 
@@ -179,7 +182,7 @@ class PublishQueue:
                 raise
             except (msgspec.EncodeError, UnicodeEncodeError, TypeError) as exc:  # never sendable: never retried
                 log.error("event cannot be encoded; dropped", extra={"queue": self._name, "error": repr(exc)})
-                self._pending.popleft()
+                self.dropped(self._pending.popleft())
                 continue
             except Exception as exc:  # Kafka away: keep the event, try again
                 log.warning("publish failed, retrying", extra={"queue": self._name, "error": repr(exc)})

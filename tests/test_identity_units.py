@@ -13,6 +13,7 @@ import time
 import jwt
 import msgspec
 import pytest
+from prometheus_client import REGISTRY
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -258,7 +259,12 @@ async def test_an_audit_event_that_cannot_be_encoded_is_dropped_and_the_next_goe
         async def publish(self, topic: str, key: str, event: msgspec.Struct) -> None:
             sent.append(msgspec.json.encode(event))
 
+    def dropped() -> float:
+        labels = {"service": "units", "action": "key.created"}
+        return REGISTRY.get_sample_value("dualgate_audit_dropped_total", labels) or 0.0
+
     audit = AuditLog(Publisher(), "units")
+    before = dropped()
     await audit.start()
     try:
         audit.record("key.created", actor="usr_a", detail={"note": "\ud800"})  # cannot be encoded
@@ -267,5 +273,6 @@ async def test_an_audit_event_that_cannot_be_encoded_is_dropped_and_the_next_goe
         while not sent and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         assert [msgspec.json.decode(s)["actor"] for s in sent] == ["usr_b"]
+        assert dropped() == before + 1  # counted, not only logged
     finally:
         await audit.stop(drain_seconds=0)
