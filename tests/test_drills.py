@@ -86,3 +86,14 @@ def test_drill_lists_its_scenarios_and_prints_one_json_report(stack, tmp_path):
         assert key in report
     assert set(report["latency_ms"]) == {"p50", "p95", "p99"}
     assert {p.suffix for p in tmp_path.iterdir()} >= {".json", ".md", ".png"}
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_chaos_step_never_takes_down_every_router_at_once(seed):
+    # both routers down is an outage of the whole edge, not a failover the drill could measure
+    from stack.drill.scenarios import WHOLE_TIER, Timing, chaos_schedule
+    for short in (True, False):
+        steps = chaos_schedule(Timing.of(short, SCENARIOS["chaos"]), short=short, seed=seed)
+        assert {step.action for step in steps} == {"kill", "pause", "restart"}
+        assert any(len(step.targets) == 2 for step in steps)
+        assert not any(WHOLE_TIER <= set(step.targets) for step in steps)

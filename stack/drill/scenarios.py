@@ -81,6 +81,10 @@ KILLABLE = ("router", "router-2", "gateway-ai", "gateway-ai-2", "gateway-identit
             "auth", "users", "chat", "models", "inference", "redis")
 RESTARTABLE = (*KILLABLE, "postgres")
 PAUSABLE = (*RESTARTABLE, "kafka")
+# every replica of a tier nothing stands in for: both down at once is an outage of the whole edge, which
+# the drill's availability would measure instead of the platform's failover (the AI gateways' pair may
+# go together: the fallback gateway stands in for them)
+WHOLE_TIER = frozenset({"router", "router-2"})
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,10 @@ def chaos_schedule(timing: Timing, *, short: bool, seed: int = 23) -> list[Chaos
     while at + hold < timing.t2:
         action = actions[n % 3] if n < 3 else rng.choice(actions)  # each action at least once
         width = 2 if n % 3 == 2 else 1
-        steps.append(ChaosStep(round(at, 2), action, tuple(rng.sample(pools[action], width)), hold))
+        targets = rng.sample(pools[action], width)
+        while WHOLE_TIER <= set(targets):
+            targets = rng.sample(pools[action], width)
+        steps.append(ChaosStep(round(at, 2), action, tuple(targets), hold))
         at += every
         n += 1
     return steps
